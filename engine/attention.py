@@ -1,0 +1,83 @@
+"""Paged attention for one layer: the metadata the runner sets, and the backends that use it.
+
+The model never sees requests. Before a forward pass the model runner describes the flat batch in an
+``AttentionMetadata`` and installs it with ``attention_context``; each attention layer reads it from there.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from glmserve.kernels.reference import (paged_decode_attention_ref, paged_extend_attention_ref,
+                                        write_kv_cache_ref)
+
+
+@dataclass
+class AttentionMetadata:
+    """A flat batch of T tokens from B sequences; decode sequences (one token each) come first."""
+
+    slot_mapping: torch.Tensor      # [T] int64: cache slot of each token's K/V (-1 = padding, not written)
+    query_start_loc: torch.Tensor   # [B+1] int32: tokens of sequence b are [start[b], start[b+1])
+    seq_lens: torch.Tensor          # [B] int32: context length including this step's tokens
+    block_tables: torch.Tensor      # [B, max_blocks] int32: the blocks of each sequence, in order
+    num_decodes: int                # sequences [0, num_decodes) have exactly one query token
+    max_query_len: int
+    max_seq_len: int
+
+
+class AttentionBackend(Protocol):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KVH, D]; writes K/V to the cache, returns [T, H, D]."""
+        ...
+
+
+class TorchAttentionBackend:
+    """The reference paged attention in plain torch: the CPU default, bounded memory for long prompts."""
+
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv_cache_ref(key, value, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decodes
+        out = torch.empty_like(query)
+        if nd:
+            out[:nd] = paged_decode_attention_ref(query[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                                  meta.seq_lens[:nd], scale)
+        if nd < query.shape[0]:
+            starts = meta.query_start_loc[nd:] - nd
+            out[nd:] = paged_extend_attention_ref(query[nd:], k_cache, v_cache, meta.block_tables[nd:], starts,
+                                                  meta.seq_lens[nd:], scale)
+        return out
+
+
+def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto`` picks Triton on CUDA and the torch backend elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from glmserve.kernels.backend import TritonAttentionBackend
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend must be auto, torch or triton, got {name!r}")
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def attention_context(meta: AttentionMetadata) -> Iterator[None]:
+    global _current
+    previous, _current = _current, meta
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def current_attention_metadata() -> AttentionMetadata:
+    if _current is None:
+        raise RuntimeError("attention metadata is not set: run the model inside attention_context(...)")
+    return _current

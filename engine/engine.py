@@ -1,0 +1,194 @@
+"""The engine: one step = schedule, run the model, update. Synchronous; servers wrap it in AsyncEngine."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .errors import DuplicateRequestError, RequestError
+from .loader import load_model, resolve_dtype, resolve_model_source
+from .model_runner import ModelRunner
+from .output_processor import OutputProcessor, TokenEvent
+from .outputs import RequestOutput
+from .request import FinishReason, Request
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .tokenizer import ChatGLMTokenizer
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024 ** 3
+
+
+@dataclass
+class EngineStats:
+    num_total_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    kv_cache_usage: float
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        source = resolve_model_source(config.model, config.load_format, config.tokenizer)
+        self.model_name = source.name
+        self.model_config = source.config
+        self.tokenizer = ChatGLMTokenizer.from_file(source.tokenizer_path)
+        if self.tokenizer.vocab_size > source.config.padded_vocab_size:
+            raise RequestError("tokenizer", f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's "
+                               f"padded_vocab_size is {source.config.padded_vocab_size}")
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RequestError("device", "device cuda was requested but no CUDA device is available")
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        model = load_model(source, self.device, self.dtype, config.seed)
+        self.max_model_len = config.scheduler.max_model_len or source.config.seq_length
+        if self.max_model_len > source.config.seq_length:
+            raise RequestError("max_model_len", f"max_model_len {self.max_model_len} exceeds the model's "
+                               f"seq_length {source.config.seq_length}")
+        block_size = config.cache.block_size
+        self.num_blocks = self._num_kv_blocks(model)
+        self.runner = ModelRunner(model, num_blocks=self.num_blocks, block_size=block_size,
+                                  max_model_len=self.max_model_len, vocab_size=self.tokenizer.vocab_size,
+                                  eos_token_id=self.tokenizer.eos_token_id,
+                                  attention_backend=config.attention_backend)
+        self.block_manager = BlockManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
+                                   self.tokenizer.eos_token_id)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._aborted: list[Request] = []
+        self.last_step_num_tokens = 0      # tokens computed by the latest step (a metrics histogram reads it)
+        self._children: dict[str, list[str]] = {}
+
+    # ---- sizing -----------------------------------------------------------------------------------------------
+    def _num_kv_blocks(self, model) -> int:
+        cache = self.config.cache
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        if cache.kv_cache_memory is not None:
+            num = cache.kv_cache_memory // per_block
+        elif self.device.type == "cuda":
+            num = self._profile_cuda_blocks(model, per_block)
+        else:
+            # Enough for every sequence slot at full length, capped at a fixed host-memory budget.
+            wanted = self.config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
+            num = min(wanted, CPU_DEFAULT_KV_CACHE_BYTES // per_block)
+        if num < 1:
+            raise RequestError("kv_cache_memory", f"the KV cache budget holds no block of {per_block} bytes")
+        return int(num)
+
+    def _profile_cuda_blocks(self, model, per_block: int) -> int:
+        """Blocks that fit in ``gpu_memory_utilization`` of the card after weights and one full-size forward."""
+        from .profiling import peak_forward_memory
+        peak = peak_forward_memory(model, self.config.scheduler.max_num_batched_tokens, self.config.cache.block_size,
+                                   self.config.attention_backend)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * self.config.cache.gpu_memory_utilization) - peak
+        return max(0, budget // per_block)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    priority: int = 0, chat: bool = False, arrival_time: float | None = None) -> None:
+        """Queue a request (``n`` > 1 becomes n child requests sharing the prompt's cached blocks).
+
+        Raises RequestError / SamplingParamsError (both ValueError, naming the field) for invalid input and
+        DuplicateRequestError for an id already in flight.
+        """
+        if request_id in self._children or request_id in self.scheduler.requests:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
+        prompt = self._validate_prompt(prompt_token_ids)
+        params.validate(vocab_size=self.tokenizer.vocab_size, max_model_len=self.max_model_len,
+                        prompt_len=len(prompt))
+        changes: dict = {}
+        if params.max_tokens is None:
+            changes["max_tokens"] = self.max_model_len - len(prompt)
+            if changes["max_tokens"] < 1:
+                raise RequestError("prompt", f"the prompt ({len(prompt)} tokens) leaves no room to generate "
+                                   f"within max_model_len {self.max_model_len}")
+        if chat:   # ChatGLM3 replies end with eos, <|user|> or <|observation|>
+            extra = [t for t in self.tokenizer.chat_stop_token_ids if t not in params.stop_token_ids]
+            changes["stop_token_ids"] = list(params.stop_token_ids) + extra
+        params = params.clone(**changes) if changes else params
+        needed = self.block_manager.blocks_needed(len(prompt) + params.max_tokens)
+        if needed > self.num_blocks:
+            raise RequestError("max_tokens", f"the request needs {needed} KV blocks for prompt + max_tokens = "
+                               f"{len(prompt) + params.max_tokens} tokens, but the cache has {self.num_blocks}")
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        for index, child_id in enumerate(ids):
+            child_params = params if params.n == 1 else params.clone(
+                n=1, seed=None if params.seed is None else params.seed + index)
+            request = Request(child_id, prompt, child_params, priority=priority, arrival_time=arrival, index=index,
+                              parent_id=None if params.n == 1 else request_id)
+            self.output_processor.add(request, strip_reply_prefix=chat)
+            self.scheduler.add(request)
+        self._children[request_id] = ids
+
+    def _validate_prompt(self, prompt_token_ids) -> list[int]:
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise RequestError("prompt", "the prompt is empty")
+        bad = next((t for t in prompt if not 0 <= t < self.tokenizer.vocab_size), None)
+        if bad is not None:
+            raise RequestError("prompt_token_ids", f"token id {bad} is outside the vocabulary "
+                               f"[0, {self.tokenizer.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError("prompt", f"the prompt has {len(prompt)} tokens; max_model_len is "
+                               f"{self.max_model_len} and at least one token must be generated")
+        return prompt
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a request (all of its n samples); its blocks are freed at once. False if unknown."""
+        found = False
+        for child_id in self._children.get(request_id, [request_id]):
+            request = self.scheduler.abort(child_id)
+            if request is not None:
+                self._aborted.append(request)
+                found = True
+        return found
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self.output_processor.finished_output(r) for r in self._aborted]
+        self._aborted.clear()
+        batch = self.scheduler.schedule()
+        self.last_step_num_tokens = batch.total_tokens
+        if len(batch):
+            tables = [self.block_manager.block_ids(r.request_id) for r in batch.requests]
+            result = self.runner.execute(batch, tables)
+            new_tokens = self.scheduler.update(batch, result.token_ids)
+            position = {id(r): i for i, r in enumerate(batch.requests)}
+            events = [TokenEvent(r, t, result.logprobs[position[id(r)]], result.top_logprobs[position[id(r)]])
+                      for r, t in new_tokens]
+            outputs += self.output_processor.process(events, self.scheduler.finish)
+        for out in outputs:
+            if out.finished:
+                self._forget_child(out)
+        return outputs
+
+    def _forget_child(self, out: RequestOutput) -> None:
+        ids = self._children.get(out.request_id)
+        if ids is not None and not any(i in self.scheduler.requests for i in ids):
+            del self._children[out.request_id]
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return vars(EngineStats(
+            num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_preemptions=self.scheduler.stats.num_preemptions, prefix_cache_queries=bm.stats.queries,
+            prefix_cache_hits=bm.stats.hits, kv_cache_usage=bm.usage))

@@ -1,0 +1,158 @@
+"""ChatGLM3 (GLM) for causal LM, written once for the paged runtime.
+
+Module names follow the checkpoint's tensor names (``transformer.encoder.layers.{i}.self_attention...``) so the
+loader copies tensors by name. ``forward(input_ids, positions)`` takes a flat batch of tokens [T]; attention reads
+its paged-cache metadata from ``attention_context``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionBackend, current_attention_metadata
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """ChatGLM's RMSNorm: statistics in float32, weight applied in float32, one cast back at the end."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+class RotaryEmbedding:
+    """Rotary on the first half of each head, rotating adjacent pairs (x[2i], x[2i+1]) (GPT-J style).
+
+    theta_i = base^(-2i/rotary_dim) with base = 10000 * rope_ratio; positions are not interpolated.
+    Not an nn.Module: the cos/sin table is derived state, rebuilt on the model's device after loading.
+    """
+
+    def __init__(self, rotary_dim: int, base: float, max_positions: int, device: torch.device):
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
+        self.cos = angles.cos().float()   # [max_positions, rotary_dim/2]
+        self.sin = angles.sin().float()
+        self.rotary_dim = rotary_dim
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]; positions: [T]. Returns a new tensor of x's dtype."""
+        rot = self.rotary_dim
+        pairs = x[..., :rot].float().unflatten(-1, (rot // 2, 2))        # [T, heads, rot/2, 2]
+        cos = self.cos[positions][:, None, :]                              # [T, 1, rot/2]
+        sin = self.sin[positions][:, None, :]
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+        return torch.cat((rotated.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        # Output rows are [Q: heads*D | K: groups*D | V: groups*D], contiguous, not interleaved per group.
+        self.query_key_value = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.add_qkv_bias)
+        self.dense = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        # Bound by the runner after the KV cache is allocated.
+        self.k_cache: torch.Tensor | None = None   # [num_blocks, block_size, KVH, D]
+        self.v_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend | None = None
+        self.rotary: RotaryEmbedding | None = None
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.query_key_value(hidden)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = self.rotary(q.view(-1, self.num_heads, self.head_dim), positions)
+        k = self.rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, current_attention_metadata(), self.scale)
+        return self.dense(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # FIRST half of the output is the gate (SiLU), the second half the up projection.
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embedding = Embedding(config)
+        self.encoder = Encoder(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+
+
+class GLMForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+
+    @property
+    def attention_layers(self) -> list[SelfAttention]:
+        return [layer.self_attention for layer in self.transformer.encoder.layers]
+
+    def bind_runtime(self, backend: AttentionBackend, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                     max_positions: int) -> None:
+        """Attach the attention backend, each layer's KV cache and the rotary table (after weights are loaded)."""
+        device = self.transformer.output_layer.weight.device
+        rotary = RotaryEmbedding(self.config.rotary_dim, self.config.rope_base, max_positions, device)
+        for attn, (k_cache, v_cache) in zip(self.attention_layers, kv_caches, strict=True):
+            attn.backend, attn.k_cache, attn.v_cache, attn.rotary = backend, k_cache, v_cache, rotary
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden] (after the final norm)."""
+        x = self.transformer.embedding.word_embeddings(input_ids)
+        for layer in self.transformer.encoder.layers:
+            x = layer(positions, x)
+        return self.transformer.encoder.final_layernorm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, padded_vocab_size]."""
+        return self.transformer.output_layer(hidden).float()

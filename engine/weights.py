@@ -1,0 +1,105 @@
+"""Reading ChatGLM3 weight files: which files a checkpoint has, their tensors one shard at a time, and
+dequantisation of weight-only quantized (int8 / int4) linears."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_SINGLE = "pytorch_model.bin"
+
+# Encoder linears that weight-only quantized checkpoints store as int8 data plus a per-row ``weight_scale``.
+QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                     "mlp.dense_4h_to_h")
+# Stored by the official checkpoints, unused by the computation.
+IGNORED_TENSOR_SUFFIXES = ("rotary_pos_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    format: str              # "safetensors" | "bin"
+    paths: list[Path]        # shard files in load order
+
+
+def find_weight_files(checkpoint_dir: Path, load_format: str = "auto") -> WeightFiles:
+    """Pick the weight files by which index (or single file) exists; ``auto`` prefers safetensors."""
+    formats = ["safetensors", "bin"] if load_format == "auto" else [load_format]
+    for fmt in formats:
+        index, single = (SAFETENSORS_INDEX, SAFETENSORS_SINGLE) if fmt == "safetensors" else (BIN_INDEX, BIN_SINGLE)
+        if (checkpoint_dir / index).is_file():
+            return WeightFiles(fmt, _shards_from_index(checkpoint_dir, checkpoint_dir / index))
+        if (checkpoint_dir / single).is_file():
+            return WeightFiles(fmt, [checkpoint_dir / single])
+    wanted = " or ".join(f"{SAFETENSORS_INDEX}/{SAFETENSORS_SINGLE}" if f == "safetensors" else f"{BIN_INDEX}/{BIN_SINGLE}"
+                         for f in formats)
+    raise CheckpointError(f"no weights found in {checkpoint_dir}: expected {wanted}")
+
+
+def _shards_from_index(checkpoint_dir: Path, index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))     # unique, in first-seen order
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read weight index {index_path}: {exc!r}") from None
+    paths = [checkpoint_dir / name for name in names]
+    for path in paths:
+        if not path.is_file():
+            raise CheckpointError(f"weight shard {path} listed in {index_path.name} does not exist")
+    return paths
+
+
+def iter_shard_tensors(path: Path, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one shard file. Any read failure becomes a CheckpointError naming the file."""
+    try:
+        if fmt == "safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"cannot read weights file {path}: expected a dict of tensors")
+            yield from state.items()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure means an unreadable file
+        raise CheckpointError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
+
+
+def quantized_storage_shape(shape: torch.Size, bits: int) -> tuple[int, ...]:
+    """Stored shape of a quantized [out, in] weight: int4 packs two values a byte."""
+    out_features, in_features = shape
+    return (out_features, in_features // 2) if bits == 4 else (out_features, in_features)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Symmetric per-row dequantisation. int4 packs two values a byte, high nibble first."""
+    data = weight.to(torch.int8)
+    if bits == 4:
+        high = data >> 4                       # arithmetic shift sign-extends the high nibble
+        low = (data << 4) >> 4                 # shift the low nibble up, then back down to sign-extend it
+        data = torch.stack((high, low), dim=-1).flatten(-2)
+    return (data.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``dequantize`` (for writing test checkpoints): int8 data and an fp16 per-row scale."""
+    qmax = 127 if bits == 8 else 7
+    scale = (weight.float().abs().amax(dim=1) / qmax).clamp_min(1e-8).half()
+    q = torch.round(weight.float() / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
+    if bits == 4:
+        pairs = q.unflatten(-1, (-1, 2))
+        q = ((pairs[..., 0] << 4) | (pairs[..., 1] & 0x0F)).to(torch.int8)
+    return q, scale

@@ -1,0 +1,104 @@
+"""Pure-torch paged attention: the reference every Triton kernel is tested against, and the CPU backend.
+
+KV-cache layout (one layer):  k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+A token's slot is ``block_id * block_size + offset``; a sequence's blocks are listed in its row of ``block_tables``.
+Query head h reads KV head ``h // (num_heads // num_kv_heads)`` (grouped-query attention).
+Scores and softmax are computed in float32; the output has the query's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+# Upper bound on the number of float32 score elements one tile materialises (256 MiB), so a 32K-token prompt
+# never needs a 32K x 32K matrix.
+_SCORE_BUDGET = 64 * 1024 * 1024
+
+
+def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """key, value: [T, KVH, D]; slot_mapping: [T] int (-1 = padding, skipped). Writes in place."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = key[valid].to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = value[valid].to(v_cache.dtype)
+
+
+def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` cached tokens of one sequence: [length, KVH, D] (float32)."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = block_row[:num_blocks].long()
+    return cache[blocks].flatten(0, 1)[:length].float()
+
+
+def paged_decode_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, attending to all of its ``seq_lens[b]`` cached tokens.
+
+    query: [B, H, D]; block_tables: [B, max_blocks]; seq_lens: [B]. Returns [B, H, D].
+    """
+    batch, num_heads, head_dim = query.shape
+    if batch == 0:
+        return query.new_empty(query.shape)
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    max_len = int(seq_lens.max())
+    # Sequences are gathered into a padded [b, L, KVH, D] tile; bound its size by processing the batch in slices.
+    per_seq = max(1, max_len * num_kv_heads * head_dim)
+    step = max(1, _SCORE_BUDGET // per_seq)
+    for start in range(0, batch, step):
+        end = min(batch, start + step)
+        lens = seq_lens[start:end].long()
+        length = int(lens.max())
+        num_blocks = (length + block_size - 1) // block_size
+        blocks = block_tables[start:end, :num_blocks].long()                       # [b, nb]
+        keys = k_cache[blocks].flatten(1, 2)[:, :length].float()                   # [b, L, KVH, D]
+        values = v_cache[blocks].flatten(1, 2)[:, :length].float()
+        q = query[start:end].float().view(end - start, num_kv_heads, group, head_dim)
+        scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale                  # [b, KVH, G, L]
+        pad = torch.arange(length, device=query.device)[None, :] >= lens[:, None]  # [b, L]
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        ctx = torch.einsum("bkgl,blkd->bkgd", probs, values)
+        out[start:end] = ctx.reshape(end - start, num_heads, head_dim).to(query.dtype)
+    return out
+
+
+def paged_extend_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """Query chunks at the end of each sequence, attending causally over the paged cache.
+
+    query: [T, H, D] holds the sequences' new tokens back to back (``query_start_loc``: [B+1]). Sequence b's
+    queries are its last ``n_b`` tokens (positions ``seq_lens[b]-n_b .. seq_lens[b]-1``); their K/V must already
+    be in the cache. Serves full prefill, chunked prefill and prefix-cache hits alike. Returns [T, H, D].
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, length in enumerate(lens):
+        q_start, q_end = starts[b], starts[b + 1]
+        num_q = q_end - q_start
+        if num_q == 0:
+            continue
+        keys = _gather_context(k_cache, block_tables[b], length)                  # [L, KVH, D]
+        values = _gather_context(v_cache, block_tables[b], length)
+        first_pos = length - num_q
+        tile = max(1, _SCORE_BUDGET // max(1, num_heads * length))
+        for t0 in range(0, num_q, tile):
+            t1 = min(num_q, t0 + tile)
+            visible = first_pos + t1                                               # keys this tile can see
+            q = query[q_start + t0:q_start + t1].float().view(t1 - t0, num_kv_heads, group, head_dim)
+            scores = torch.einsum("tkgd,lkd->kgtl", q, keys[:visible]) * scale     # [KVH, G, t, l]
+            q_pos = torch.arange(first_pos + t0, first_pos + t1, device=query.device)
+            k_pos = torch.arange(visible, device=query.device)
+            scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            ctx = torch.einsum("kgtl,lkd->tkgd", probs, values[:visible])
+            out[q_start + t0:q_start + t1] = ctx.reshape(t1 - t0, num_heads, head_dim).to(query.dtype)
+    return out

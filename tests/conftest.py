@@ -1,0 +1,46 @@
+"""Shared fixtures: where the real ChatGLM3 tokenizer is, and small checkpoint directories on disk."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_ENV = "GLMSERVE_CHATGLM3_TOKENIZER"
+
+
+def find_chatglm3_dir() -> Path | None:
+    """The folder holding the real ChatGLM3 tokenizer.model (and golden.json when it is ../shared/chatglm3).
+
+    Looks at $GLMSERVE_CHATGLM3_TOKENIZER first (a path to tokenizer.model), then ../shared/chatglm3 beside the
+    checkout. A fresh clone has neither, and the tests that need it skip with this reason.
+    """
+    env = os.environ.get(TOKENIZER_ENV)
+    if env and Path(env).is_file():
+        return Path(env).parent
+    shared = REPO_ROOT.parent / "shared" / "chatglm3"
+    if (shared / "tokenizer.model").is_file():
+        return shared
+    return None
+
+
+SKIP_REASON = (f"the real ChatGLM3 tokenizer.model was not found: set {TOKENIZER_ENV}=/path/to/tokenizer.model "
+               "or place it at ../shared/chatglm3/tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def chatglm3_tokenizer_path() -> Path:
+    folder = find_chatglm3_dir()
+    if folder is None:
+        pytest.skip(SKIP_REASON)
+    return folder / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def chatglm3_golden() -> dict:
+    folder = find_chatglm3_dir()
+    if folder is None or not (folder / "golden.json").is_file():
+        pytest.skip("golden.json (official ChatGLM3 token ids) not found beside the tokenizer: " + SKIP_REASON)
+    return json.loads((folder / "golden.json").read_text(encoding="utf-8"))
