@@ -42,7 +42,7 @@ class ChatMessage:
                 raise ChatFormatError(f"tools belong on the system message, not on a {self.role} message")
 
     @property
-    def text(self) -> str:
+    def prompt_text(self) -> str:
         """The content as the model sees it: a system message lists its tools after the content."""
         if self.tools is None:
             return self.content
@@ -51,7 +51,7 @@ class ChatMessage:
 
 def build_chat_prompt(tokenizer: ChatGLMTokenizer, messages: list[ChatMessage],
                       add_generation_prompt: bool = True) -> list[int]:
-    """``[gMASK] sop``, then per message ``<|role|>`` + encode(metadata + "\\n") + encode(text), then
+    """``[gMASK] sop``, then per message ``<|role|>`` + encode(metadata + "\\n") + encode(prompt_text), then
     ``<|assistant|>`` when the model is to reply.
 
     Metadata and text are encoded separately (each gets its own dummy-prefix space, as in the reference) and no
@@ -62,7 +62,7 @@ def build_chat_prompt(tokenizer: ChatGLMTokenizer, messages: list[ChatMessage],
     for message in messages:
         ids.append(special[f"<|{message.role}|>"])
         ids += tokenizer.encode(message.metadata + "\n", add_special_tokens=False)
-        ids += tokenizer.encode(message.text, add_special_tokens=False)
+        ids += tokenizer.encode(message.prompt_text, add_special_tokens=False)
     if add_generation_prompt:
         ids.append(special["<|assistant|>"])
     return ids

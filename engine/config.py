@@ -162,10 +162,11 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "glm-small": ModelConfig(num_layers=4, hidden_size=512, num_attention_heads=8, kv_channels=64,
                              multi_query_group_num=2, ffn_hidden_size=1368, padded_vocab_size=65024,
                              seq_length=8192, torch_dtype="float32"),
-    # A small long-context model (rope_ratio 50, 32K) for the long-prompt check on CPU.
+    # A small long-context model (rope_ratio 50) for the long-prompt check on CPU; 1K of headroom past 32K so a
+    # full 32768-token prompt still leaves room to generate.
     "glm-small-32k": ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=4, kv_channels=64,
                                  multi_query_group_num=2, ffn_hidden_size=512, padded_vocab_size=4096,
-                                 seq_length=32768, rope_ratio=50.0, torch_dtype="float32"),
+                                 seq_length=33792, rope_ratio=50.0, torch_dtype="float32"),
 }
 
 

@@ -6,7 +6,7 @@ class RequestError(ValueError):
     """A request the engine refuses (bad prompt, too long, unknown token id). ``field`` names the culprit."""
 
     def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"{field_name}: {message}")
         self.field = field_name
 
 

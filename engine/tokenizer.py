@@ -21,6 +21,8 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 # The ChatGLM3 piece layout every tokenizer here must have: <unk> (also pad), <s>, </s>, then 256 byte pieces.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 BYTE_OFFSET = 3  # <0x00> .. <0xFF> are ids 3..258 (so "\n" is 13)
+# ChatGLM3's model is about 1 MB; anything far larger is a wrong path (a weights file), not worth reading whole.
+MAX_MODEL_BYTES = 64 << 20
 
 
 class TokenizerError(ValueError):
@@ -43,8 +45,11 @@ class ChatGLMTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ChatGLMTokenizer:
+        """Load a ``tokenizer.model``; any unusable file raises :class:`TokenizerError` naming the path."""
         path = os.fspath(path)
         try:
+            if Path(path).stat().st_size > MAX_MODEL_BYTES:
+                raise TokenizerError(f"{path} is too large to be a SentencePiece model")
             data = Path(path).read_bytes()
         except OSError as exc:
             raise TokenizerError(f"cannot read tokenizer file {path}: {exc.strerror or exc}") from None
@@ -118,6 +123,8 @@ class ChatGLMTokenizer:
     # ---- text <-> ids ---------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` prefixed by ``[gMASK] sop`` as ChatGLM3 expects."""
+        if not isinstance(text, str):  # sentencepiece would quietly batch-encode a list
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         ids = self._sp.encode(text)
         return self.prefix_token_ids + ids if add_special_tokens else ids
 

@@ -65,7 +65,7 @@ def _parse_arguments(code: str) -> dict[str, Any]:
     if not isinstance(call, ast.Call):
         raise ToolCallParseError(f"tool call code must be a call to tool_call(...), found {_describe(call)}")
     if not (isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
-        raise ToolCallParseError(f"tool call code must call tool_call, not {ast.unparse(call.func)!r}")
+        raise ToolCallParseError(f"tool call code must call tool_call, not {_source(call.func)!r}")
     if call.args:
         raise ToolCallParseError("tool_call takes keyword arguments only; positional arguments are not allowed")
     arguments: dict[str, Any] = {}
@@ -89,7 +89,7 @@ def _literal(name: str, node: ast.expr) -> Any:
         if not isinstance(sub, _LITERAL_NODES):
             raise ToolCallParseError(f"tool_call argument {name!r} is not a literal: it contains {_describe(sub)}")
         if isinstance(sub, ast.Constant) and not isinstance(sub.value, _CONSTANT_TYPES):
-            raise ToolCallParseError(f"tool_call argument {name!r} contains {ast.unparse(sub)}, which is not a "
+            raise ToolCallParseError(f"tool_call argument {name!r} contains {_source(sub)}, which is not a "
                                      "string, number, boolean or None")
         if isinstance(sub, ast.UnaryOp) and not (isinstance(sub.operand, ast.Constant)
                                                  and type(sub.operand.value) in (int, float)):
@@ -113,6 +113,12 @@ _DESCRIPTIONS = {
     ast.AsyncFunctionDef: "a function definition", ast.ClassDef: "a class definition",
     ast.Not: "a `not` operator", ast.Invert: "a `~` operator",
 }
+
+
+def _source(node: ast.AST, limit: int = 60) -> str:
+    """The node's source, cut short so a hostile reply cannot flood the error message."""
+    text = ast.unparse(node)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _describe(node: ast.AST) -> str:

@@ -33,8 +33,8 @@ def _decode_split_kernel(
     stride_ob, stride_oh,                  # out: [B, H, D]
     stride_cb, stride_cs, stride_ch,       # caches: [num_blocks, block_size, KVH, D]
     stride_bt,                             # block_tables: [B, max_blocks]
-    block_size, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    num_splits,
+    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -66,9 +66,9 @@ def _decode_split_kernel(
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + n                                                       # [BLOCK_N]
         valid = pos < end
-        block = tl.load(block_row + pos // block_size, mask=valid, other=0).to(tl.int64)
+        block = tl.load(block_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         # int64 offsets: one layer's cache can exceed 2^31 elements.
-        tok_off = block * stride_cb + (pos % block_size) * stride_cs + kv_head * stride_ch
+        tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
         kv_off = tok_off[:, None] + d[None, :]                                     # [BLOCK_N, BLOCK_D]
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -193,12 +193,12 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
-        block_size, num_splits,
-        GROUP=group, HEAD_DIM=head_dim,
+        num_splits,
+        BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
         DIRECT=direct,
         UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=4,
+        num_warps=8,   # 4 warps spill registers with 64-token tiles at D=128 (ptxas, sm_90)
     )
     if not direct:
         _merge_splits_kernel[(batch, num_heads)](

@@ -15,8 +15,7 @@ def _write_kv_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,         # key/value: [T, KVH, D], last dim contiguous
     stride_cb, stride_cs, stride_ch,                    # caches: [num_blocks, block_size, KVH, D]
-    block_size,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per token moves all of its KV heads: [BLOCK_H, BLOCK_D] for K and for V.
@@ -33,8 +32,8 @@ def _write_kv_cache_kernel(
     v = tl.load(value_ptr + token64 * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
 
     # int64: one layer's cache can hold more than 2^31 elements.
-    block = slot // block_size
-    cache_off = block * stride_cb + (slot % block_size) * stride_cs + heads[:, None] * stride_ch + dims[None, :]
+    block = slot // BLOCK_SIZE
+    cache_off = block * stride_cb + (slot % BLOCK_SIZE) * stride_cs + heads[:, None] * stride_ch + dims[None, :]
     tl.store(k_cache_ptr + cache_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -57,7 +56,6 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_size,
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
     )

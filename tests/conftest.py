@@ -44,3 +44,15 @@ def chatglm3_golden() -> dict:
     if folder is None or not (folder / "golden.json").is_file():
         pytest.skip("golden.json (official ChatGLM3 token ids) not found beside the tokenizer: " + SKIP_REASON)
     return json.loads((folder / "golden.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A glm-tiny checkpoint directory in the real ChatGLM3 format (fp32 safetensors, embedded tokenizer)."""
+    import torch
+
+    from glmserve.engine.checkpoint_writer import write_checkpoint
+    from glmserve.engine.config import MODEL_PRESETS
+    from glmserve.engine.tokenizer import embedded_tokenizer_path
+    return write_checkpoint(tmp_path_factory.mktemp("glm-tiny"), MODEL_PRESETS["glm-tiny"],
+                            embedded_tokenizer_path(), dtype=torch.float32, seed=0)

@@ -59,8 +59,12 @@ def build_hf_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype=to
 
 
 @torch.no_grad()
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, vocab_size: int | None = None) -> list[int]:
+    """Greedy continuation; ids >= ``vocab_size`` (embedding padding) are suppressed as the engine does."""
     ids = torch.tensor([prompt])
+    padded = model.config.vocab_size
+    suppress = list(range(vocab_size, padded)) if vocab_size and vocab_size < padded else None
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens)
+                         eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens,
+                         suppress_tokens=suppress)
     return out[0, len(prompt):].tolist()

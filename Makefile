@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` (the serving demo) and `make test` (the test suite).
+# Both install what they need first; the CPU build of torch is pinned because a plain `torch` requirement
+# would pull a multi-GB CUDA build.
+PYTHON ?= python3
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench-offline proto gpu-check
+
+install:
+	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
+	$(PYTHON) -m pip install -q -e ".[test,bench]"
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PYTHON) -m glmserve.bench.demo
+
+bench-offline: install
+	$(PYTHON) -m glmserve.bench.cli offline --out results/offline.json
+
+proto:
+	$(PYTHON) proto/generate.py
+
+# On a GPU machine that already has torch and triton (installs nothing else).
+gpu-check:
+	bash bench/gpu_check.sh $${OUT:-results}

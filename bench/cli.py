@@ -1,0 +1,52 @@
+"""``glmserve-bench``: one console script, one subcommand per benchmark.
+
+A subcommand is a module with ``add_arguments(parser)`` and ``run(args) -> int``, registered below by module path.
+Only the module of the subcommand being run is imported: each pulls in heavy or optional dependencies (torch,
+transformers, grpc), and one that is missing or broken must not take the others down.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    module: str     # exposes add_arguments(parser) and run(args) -> int
+    help: str
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "offline": Subcommand("glmserve.bench.offline",
+                          "offline throughput: glmserve against HF generate (static batches, one at a time)"),
+    "frontend": Subcommand("glmserve.bench.frontend", "frontend benchmark"),
+}
+
+
+def build_parser(selected: str | None) -> argparse.ArgumentParser:
+    """All subcommands are listed; only ``selected`` gets its arguments (and has its module imported)."""
+    parser = argparse.ArgumentParser(prog="glmserve-bench", description="glmserve benchmarks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=command.help, description=command.help)
+        if name == selected:
+            command.load().add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    args = build_parser(selected).parse_args(argv)
+    return SUBCOMMANDS[args.command].load().run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

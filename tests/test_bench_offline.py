@@ -1,0 +1,51 @@
+"""``glmserve-bench offline`` end to end on a tiny workload: the JSON result, and greedy agreement with HF."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from glmserve.bench.cli import main
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The benchmark sets torch's thread count for the whole process; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_offline_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "offline.json"
+    rc = main(["offline", "--model", "glm-tiny", "--num-requests", "5", "--input-len", "3:40", "--output-len", "2:12",
+               "--max-num-seqs", "2", "--hf-single-requests", "2", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert {"workload", "machine", "glmserve", "overhead", "hf_static", "hf_single", "agreement",
+            "ratios"} <= result.keys()
+    assert result["machine"]["torch_threads"] == 1
+    assert result["glmserve"]["num_requests"] == result["hf_static"]["num_requests"] == 5
+    # Useful tokens only: the static batches' padding steps are not counted.
+    assert result["glmserve"]["num_output_tokens"] == result["hf_static"]["num_output_tokens"]
+    assert result["hf_single"]["num_requests"] == 2 and result["hf_single"]["subset"]
+    assert set(result["ratios"]) == {"vs_hf_static", "vs_hf_single"}
+    overhead = result["overhead"]
+    assert overhead["forward_seconds"] + overhead["logits_seconds"] <= overhead["total_seconds"]
+    assert overhead["num_steps"] > 0 and 0.0 <= overhead["overhead"] < 1.0
+    agreement = {a["baseline"]: a for a in result["agreement"]}
+    assert agreement["HF static batches"]["agree"] == agreement["HF static batches"]["compared"] == 5
+    assert agreement["HF one at a time"]["agree"] == agreement["HF one at a time"]["compared"] == 2
+    assert "glmserve / HF static batching" in capsys.readouterr().out
+
+
+def test_skip_hf_runs_glmserve_only(tmp_path):
+    out = tmp_path / "offline.json"
+    assert main(["offline", "--model", "glm-tiny", "--num-requests", "3", "--input-len", "4:8", "--output-len", "3",
+                 "--skip-hf", "--out", str(out)]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["hf_static"] is None and result["hf_single"] is None and result["agreement"] == []
+    assert result["glmserve"]["num_output_tokens"] == 9
