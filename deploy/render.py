@@ -189,11 +189,20 @@ def _containers(node):
             yield from _containers(item)
 
 
+class _BlockStyleDumper(yaml.SafeDumper):
+    """Prints multi-line strings (embedded config files) as `|` blocks, the way they are written."""
+
+
+_BlockStyleDumper.add_representer(
+    str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value,
+                                                       style="|" if "\n" in value else None))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python deploy/render.py KUSTOMIZATION_DIR", file=sys.stderr)
         return 2
-    print(yaml.safe_dump_all(render(argv[0]), sort_keys=False), end="")
+    print(yaml.dump_all(render(argv[0]), Dumper=_BlockStyleDumper, sort_keys=False), end="")
     return 0
 
 

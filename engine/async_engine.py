@@ -59,7 +59,7 @@ class AsyncEngine:
         cancel, deadline) aborts the request and frees its blocks at once."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._add(request_id, prompt_token_ids, params, chat, priority, stream)
-        return self._iterate(request_id, stream)
+        return self._iterate(request_id, stream, params.n)
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
@@ -98,14 +98,15 @@ class AsyncEngine:
             self._streams[request_id] = stream
         self._wake.set()
 
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+    async def _iterate(self, request_id: str, stream: _Stream, num_samples: int) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                num_samples -= item.finished   # with n > 1 each sample's delta says when that sample is done
+                finished = num_samples == 0
                 yield item
         finally:
             if not finished:

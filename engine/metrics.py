@@ -35,9 +35,9 @@ class ServerMetrics:
                                        ["finish_reason"], registry=r)
         self.preemptions = Counter("glmserve_num_preemptions", "Requests preempted (recomputed later)",
                                    registry=r)
-        self.prefix_queries = Counter("glmserve_prefix_cache_queries", "Prompt blocks looked up in the prefix cache",
+        self.prefix_queries = Counter("glmserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       registry=r)
-        self.prefix_hits = Counter("glmserve_prefix_cache_hits", "Prompt blocks found in the prefix cache",
+        self.prefix_hits = Counter("glmserve_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                    registry=r)
         self.ttft = Histogram("glmserve_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -1,9 +1,97 @@
-"""``glmserve serve`` (placeholder until the gRPC server lands)."""
+"""``glmserve serve``: the gRPC server as a process.
+
+Prints machine-readable lifecycle lines on stdout (tests and scripts wait for them)::
+
+    glmserve: serving on HOST:PORT metrics on PORT     (bound; health NOT_SERVING while the model loads)
+    glmserve: ready                                    (health SERVING)
+    glmserve: drained N in-flight requests, exiting    (after SIGTERM/SIGINT; exit code 0)
+
+A second SIGTERM/SIGINT during a drain stops at once, cancelling what is still running.
+grpc is imported only when the command runs, so the CLI and the engine stay importable without it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from .engine_args import add_engine_arguments, engine_config_from_args
+
+API_KEY_ENV = "GLMSERVE_API_KEY"
 
 
 def add_serve_parser(sub) -> None:
-    sub.add_parser("serve", help="run the gRPC server")
+    p = sub.add_parser("serve", help="run the gRPC server",
+                       description="Serve a model over gRPC (glmserve.v1.Generation, health, reflection) "
+                                   "with Prometheus metrics.")
+    add_engine_arguments(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address for gRPC and metrics (default: %(default)s)")
+    g.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    g.add_argument("--metrics-port", type=int, default=9090,
+                   help="Prometheus /metrics port; 0 picks a free one, -1 turns it off (default: %(default)s)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+    g.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="refuse new requests with RESOURCE_EXHAUSTED while this many wait (default: no limit)")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'authorization: Bearer KEY' metadata (default: ${API_KEY_ENV}); health is exempt")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate chain; serve TLS (with --tls-key)")
+    g.add_argument("--tls-key", default=None, help="PEM private key")
+    g.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
+                   help="largest request or response message (default: %(default)s)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def run_serve(args) -> int:
-    raise NotImplementedError("serve is not implemented yet")
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import ServerOptions
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"TLS file {path} does not exist")
+    options = ServerOptions(
+        host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        drain_timeout=args.drain_timeout, max_waiting_requests=args.max_waiting_requests, api_key=args.api_key,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes)
+    return asyncio.run(serve(engine_config_from_args(args), options))
+
+
+async def serve(config, options) -> int:
+    from .llm import build_engine
+    from .server import GenerationServer
+    server = GenerationServer(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, stop, server)
+    try:
+        await server.start()
+        metrics = "off" if server.metrics_port is None else str(server.metrics_port)
+        print(f"glmserve: serving on {options.host}:{server.port} metrics on {metrics}", flush=True)
+        load = asyncio.ensure_future(server.load(lambda: build_engine(config)))
+        await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():   # a signal during start-up: the loading thread cannot be interrupted; just leave
+            load.cancel()
+            print("glmserve: stopped while loading, exiting", flush=True)
+            return 0
+        load.result()   # raises what the load raised
+        print("glmserve: ready", flush=True)
+        await stop.wait()
+        in_flight, finished = await server.drain()
+        if finished:
+            print(f"glmserve: drained {in_flight} in-flight requests, exiting", flush=True)
+        else:
+            print(f"glmserve: drain timed out after {options.drain_timeout}s; cancelled the requests still "
+                  "running, exiting", flush=True)
+        return 0
+    finally:
+        await server.stop()
+
+
+def _on_signal(stop: asyncio.Event, server) -> None:
+    if not stop.is_set():
+        stop.set()
+    else:   # a second signal: do not wait for the drain
+        asyncio.get_running_loop().create_task(server.stop())

@@ -1,0 +1,580 @@
+"""deploy/: the Dockerfile and the Kubernetes manifests, rendered and validated offline and checked against the code.
+
+The overlays are rendered with deploy/render.py (a small kustomize subset), every built-in object is validated
+against the newest Kubernetes schema bundled with kubernetes-validate, and the manifests are cross-checked with the
+server: container args parse with the real `glmserve serve` parser, probe ports and health service names match the
+server's, the HPA's metrics are gauges the server exports, the grace period covers preStop plus the drain.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import importlib.util
+import io
+import json
+import os
+import posixpath
+import re
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "kubernetes"
+OVERLAYS = {"cpu-demo": "glmserve-demo", "gpu": "glmserve"}    # overlay -> namespace
+GRPC_PORT, METRICS_PORT = 50051, 9090
+CACHE_ENV = ("HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx")
+K8S_VERSION = kubernetes_validate.utils.latest_version()
+
+
+def _load_renderer():
+    spec = importlib.util.spec_from_file_location("glmserve_deploy_render", DEPLOY / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_renderer()
+
+
+# ---- helpers: rendered objects ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+def overlay(request):
+    return request.param, render.render(K8S / "overlays" / request.param)
+
+
+def find(objects, kind, name=None):
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def server_container(objects):
+    pod = find(objects, "Deployment", "glmserve")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "glmserve")
+
+
+def container_env(objects, container) -> dict[str, str | None]:
+    """The environment the kubelet expands $(VAR) from; None for values it only knows at run time (secrets...)."""
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        assert "configMapRef" in source, "only ConfigMaps feed the args"
+        env.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value")
+    return env
+
+
+def expand(text: str, env: dict[str, str | None]) -> str:
+    """Kubernetes $(VAR) expansion: $$ escapes, an unknown variable stays as written."""
+    def sub(match):
+        if match.group(0) == "$$":
+            return "$"
+        value = env.get(match.group(1))
+        assert value is not None or match.group(1) not in env, f"$({match.group(1)}) is not a plain value"
+        return match.group(0) if value is None else value
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, text)
+
+
+def server_args(objects) -> list[str]:
+    container = server_container(objects)
+    env = container_env(objects, container)
+    return [expand(arg, env) for arg in container["args"]]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """The value of `--name=value` or `--name value` in an argument list (the last one wins, as in argparse)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are used"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def probes(container):
+    return {kind: container[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+
+
+# ---- helpers: the code the manifests must agree with -----------------------------------------------------------
+def serve_parser_or_skip():
+    from glmserve.engine.cli import build_parser
+    parser = build_parser()
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    if "--metrics-port" not in help_text.getvalue():
+        pytest.skip("`glmserve serve` does not define its flags yet (engine/serve_command.py is a placeholder)")
+    return parser
+
+
+def parse_serve_args(args: list[str]):
+    parser = serve_parser_or_skip()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(["serve", *args])
+    except SystemExit:
+        pytest.fail(f"`glmserve serve {' '.join(args)}` is rejected by the real parser: {err.getvalue().strip()}")
+
+
+def generation_service_name() -> str:
+    try:
+        from glmserve.engine.server import SERVICE_NAME
+        return SERVICE_NAME
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from glmserve.proto import generation_pb2
+        return generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+    except (ImportError, KeyError):
+        pytest.skip("neither glmserve.engine.server.SERVICE_NAME nor the generated proto descriptor exists yet")
+
+
+def exported_metrics() -> dict[str, str]:
+    """name -> type of the metrics a glmserve server exports: the families in a fresh ServerMetrics registry (or,
+    failing that, the prometheus_client collectors defined at module level in glmserve.engine.metrics)."""
+    try:
+        metrics = importlib.import_module("glmserve.engine.metrics")
+    except ImportError as exc:
+        pytest.skip(f"glmserve.engine.metrics is not importable yet ({exc})")
+    if hasattr(metrics, "ServerMetrics"):
+        families = list(metrics.ServerMetrics().registry.collect())
+    else:
+        from prometheus_client.metrics import MetricWrapperBase
+        families = [family for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)
+                    for family in value.collect()]
+    return {family.name: family.type for family in families}
+
+
+# ---- the renderer ----------------------------------------------------------------------------------------------
+def test_strategic_merge_follows_kubernetes_list_rules():
+    base = {"containers": [{"name": "a", "image": "x", "args": ["--one"]}, {"name": "b"}],
+            "volumes": [{"name": "v", "emptyDir": {"sizeLimit": "1Gi"}}], "drop": 1}
+    patch = {"containers": [{"name": "a", "args": ["--two"]}, {"name": "c"}],
+             "volumes": [{"name": "v", "emptyDir": {"medium": "Memory"}}], "drop": None}
+    merged = render.strategic_merge(base, patch)
+    assert merged["containers"] == [{"name": "a", "image": "x", "args": ["--two"]}, {"name": "b"}, {"name": "c"}]
+    assert merged["volumes"] == [{"name": "v", "emptyDir": {"sizeLimit": "1Gi", "medium": "Memory"}}]
+    assert "drop" not in merged and base["drop"] == 1
+    with pytest.raises(render.UnsupportedFeature):
+        render.strategic_merge({"ports": [{"containerPort": 1}]}, {"ports": [{"containerPort": 2}]})
+    with pytest.raises(render.UnsupportedFeature):
+        render.strategic_merge({}, {"$patch": "delete"})
+
+
+def test_split_image():
+    assert render.split_image("glmserve") == ("glmserve", None, None)
+    assert render.split_image("reg:5000/a/glmserve:0.1") == ("reg:5000/a/glmserve", "0.1", None)
+    assert render.split_image("glmserve@sha256:ab") == ("glmserve", None, "sha256:ab")
+
+
+# ---- schema validation -----------------------------------------------------------------------------------------
+def check_service_monitor(obj):
+    """The fields the ServiceMonitor CRD requires or that this setup relies on (no CRD schema offline)."""
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["metadata"]["name"]
+    assert obj["spec"]["selector"].get("matchLabels") or obj["spec"]["selector"].get("matchExpressions")
+    assert obj["spec"]["endpoints"], "a ServiceMonitor without endpoints scrapes nothing"
+    for endpoint in obj["spec"]["endpoints"]:
+        assert isinstance(endpoint.get("port"), str), "scrape a named Service port"
+        assert endpoint.get("path", "/metrics").startswith("/")
+        seconds = {k: int(re.fullmatch(r"(\d+)s", endpoint[k]).group(1)) for k in ("interval", "scrapeTimeout")}
+        assert seconds["scrapeTimeout"] <= seconds["interval"]
+
+
+def validate_all(objects):
+    for obj in objects:
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            check_service_monitor(obj)
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_overlay_objects_are_valid_kubernetes(overlay):
+    name, objects = overlay
+    validate_all(objects)
+    expected = {"ServiceAccount", "ConfigMap", "Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget",
+                "HorizontalPodAutoscaler"} | ({"PersistentVolumeClaim"} if name == "gpu" else set())
+    assert {o["kind"] for o in objects} == expected
+    assert {o["metadata"]["namespace"] for o in objects} == {OVERLAYS[name]}
+    assert len({(o["kind"], o["metadata"]["name"]) for o in objects}) == len(objects)
+
+
+def test_monitoring_objects_are_valid_kubernetes():
+    validate_all(render.render(K8S / "monitoring"))
+
+
+# ---- wiring: selectors, ports, names ---------------------------------------------------------------------------
+def test_selectors_reach_the_server_pods(overlay):
+    _, objects = overlay
+    deployment = find(objects, "Deployment", "glmserve")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"], pod_labels)
+    for service in (o for o in objects if o["kind"] == "Service"):
+        assert service["spec"]["selector"].items() <= pod_labels.items(), service["metadata"]["name"]
+    assert selects(find(objects, "PodDisruptionBudget")["spec"]["selector"], pod_labels)
+    for constraint in deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+        assert selects(constraint["labelSelector"], pod_labels)
+    target = find(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", "glmserve")
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    pod = deployment["spec"]["template"]["spec"]
+    assert find(objects, "ServiceAccount", pod["serviceAccountName"])
+
+
+def test_services_expose_named_ports_and_one_is_headless(overlay):
+    _, objects = overlay
+    container_ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
+    assert container_ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    assert services["glmserve-headless"]["spec"]["clusterIP"] == "None"
+    assert services["glmserve"]["spec"].get("type", "ClusterIP") == "ClusterIP"
+    for service in services.values():
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in container_ports, "target a named container port"
+            assert port["port"] == container_ports[port["targetPort"]]
+            if port["name"] == "grpc":
+                assert port["appProtocol"] == "grpc"
+    # The ServiceMonitor matches both Services by label; only one of them may carry the metrics port, or every pod
+    # would be scraped twice.
+    monitor = find(objects, "ServiceMonitor")
+    for endpoint in monitor["spec"]["endpoints"]:
+        scraped = [s for s in services.values() if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+                   and endpoint["port"] in {p["name"] for p in s["spec"]["ports"]}]
+        assert [s["metadata"]["name"] for s in scraped] == ["glmserve"]
+
+
+def test_container_args_are_real_serve_flags(overlay):
+    _, objects = overlay
+    args = server_args(objects)
+    assert not [a for a in args if "$(" in a], "every $(VAR) in the args must come from the ConfigMap"
+    assert all(a.startswith("--") for a in args), "one --flag=value per item"
+    parse_serve_args(args)
+
+
+def test_container_ports_and_probes_match_the_server_flags(overlay):
+    _, objects = overlay
+    args, container = server_args(objects), server_container(objects)
+    assert flag(args, "--host") == "0.0.0.0"
+    assert int(flag(args, "--port")) == GRPC_PORT and int(flag(args, "--metrics-port")) == METRICS_PORT
+    for kind, probe in probes(container).items():
+        assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, f"{kind} is a native gRPC probe"
+        assert probe["grpc"]["port"] == GRPC_PORT, kind
+
+
+def test_health_service_names_match_the_server(overlay):
+    _, objects = overlay
+    container = server_container(objects)
+    assert container["readinessProbe"]["grpc"]["service"] == generation_service_name()
+    # Startup and liveness ask for the overall health: "" (or no service, which means "").
+    assert container["startupProbe"]["grpc"].get("service", "") == ""
+    assert container["livenessProbe"]["grpc"].get("service", "") == ""
+
+
+def test_grace_period_covers_prestop_and_drain(overlay):
+    _, objects = overlay
+    args, container = server_args(objects), server_container(objects)
+    pod = find(objects, "Deployment", "glmserve")["spec"]["template"]["spec"]
+    pre_stop = container["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:
+        sleep = pre_stop["sleep"]["seconds"]
+    else:
+        command = pre_stop["exec"]["command"]
+        assert command[0] == "sleep", "preStop only waits for endpoints to update"
+        sleep = int(command[-1])
+    drain = float(flag(args, "--drain-timeout"))
+    assert 0 < sleep and 0 < drain
+    assert sleep + drain < pod["terminationGracePeriodSeconds"]
+
+
+def test_startup_probe_allows_a_model_load(overlay):
+    name, objects = overlay
+    deployment = find(objects, "Deployment", "glmserve")
+    startup = server_container(objects)["startupProbe"]
+    window = startup["failureThreshold"] * startup["periodSeconds"]
+    assert window >= (600 if name == "gpu" else 120)
+    # A rollout waits for the new pod's startup; the default progress deadline is 600 s.
+    assert deployment["spec"].get("progressDeadlineSeconds", 600) > window
+
+
+# ---- security and resources ------------------------------------------------------------------------------------
+def dockerfile_user() -> int:
+    stage = final_stage(dockerfile_instructions())
+    return int(stage_values(stage, "USER")[-1].split(":")[0])
+
+
+def test_pod_runs_non_root_with_a_read_only_root(overlay):
+    _, objects = overlay
+    pod = find(objects, "Deployment", "glmserve")["spec"]["template"]["spec"]
+    container = server_container(objects)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == dockerfile_user() != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"] and not security.get("privileged")
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = [m["mountPath"] for m in container["volumeMounts"]
+                if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]]
+    assert "/tmp" in writable
+    env = container_env(objects, container)
+    for var in CACHE_ENV:     # every cache the runtime writes must land on a writable volume
+        assert any(env[var] == p or env[var].startswith(p + "/") for p in writable), var
+    shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_resources_and_devices(overlay):
+    name, objects = overlay
+    args, container = server_args(objects), server_container(objects)
+    resources = container["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[kind]), kind
+    gpus = resources["limits"].get("nvidia.com/gpu")
+    if name == "gpu":
+        assert flag(args, "--device") == "cuda"
+        assert gpus == resources["requests"]["nvidia.com/gpu"] >= 1
+        assert any(t["key"] == "nvidia.com/gpu" for t in
+                   find(objects, "Deployment")["spec"]["template"]["spec"]["tolerations"])
+    else:
+        assert flag(args, "--device") == "cpu" and gpus is None
+
+
+def test_api_key_comes_from_a_secret_never_the_args(overlay):
+    _, objects = overlay
+    container = server_container(objects)
+    key = next(v for v in container["env"] if v["name"] == "GLMSERVE_API_KEY")
+    assert key["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert not any("GLMSERVE_API_KEY" in a or "--api-key" in a for a in container["args"])
+
+
+# ---- the model -------------------------------------------------------------------------------------------------
+def test_model_source_exists_in_the_pod(overlay):
+    from glmserve.engine.config import MODEL_PRESETS
+    name, objects = overlay
+    args, container = server_args(objects), server_container(objects)
+    model, max_len = flag(args, "--model"), int(flag(args, "--max-model-len"))
+    if name == "cpu-demo":
+        assert model == "glm-tiny" and max_len <= MODEL_PRESETS[model].seq_length
+        assert not any("persistentVolumeClaim" in v
+                       for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"])
+        return
+    assert max_len <= MODEL_PRESETS["chatglm3-6b-32k"].seq_length
+    volumes = {v["name"]: v for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if model.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]
+    assert claim["readOnly"] is True and find(objects, "PersistentVolumeClaim", claim["claimName"])
+
+
+# ---- autoscaling -----------------------------------------------------------------------------------------------
+def adapter_rules():
+    configmap = find(render.render(K8S / "monitoring"), "ConfigMap")
+    return yaml.safe_load(configmap["data"]["config.yaml"])["rules"]
+
+
+def adapter_exposes(metric: str) -> bool:
+    """Whether a prometheus-adapter rule discovers the series and publishes it under the same name, per pod."""
+    for rule in adapter_rules():
+        series = re.search(r'__name__=~"([^"]+)"', rule["seriesQuery"]).group(1)
+        if not re.fullmatch(series, metric):
+            continue
+        name = rule.get("name", {})
+        published = re.sub(name.get("matches", "^(.*)$"), name.get("as", "${1}").replace("${1}", r"\1"), metric)
+        overrides = rule["resources"]["overrides"]
+        if published == metric and overrides.get("pod") == {"resource": "pod"} and \
+                overrides.get("namespace") == {"resource": "namespace"}:
+            return True
+    return False
+
+
+def hpa_metrics(objects) -> dict[str, float]:
+    hpa = find(objects, "HorizontalPodAutoscaler")
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    out = {}
+    for metric in hpa["spec"]["metrics"]:
+        assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+        out[metric["pods"]["metric"]["name"]] = float(metric["pods"]["target"]["averageValue"])
+    return out
+
+
+def test_hpa_scales_on_the_queue_through_the_adapter(overlay):
+    _, objects = overlay
+    metrics = hpa_metrics(objects)
+    assert "glmserve_num_requests_waiting" in metrics
+    for metric in metrics:
+        assert adapter_exposes(metric), f"no prometheus-adapter rule publishes {metric}"
+    # The running-requests target must be reachable: below the batch size the server is configured with.
+    running = metrics.get("glmserve_num_requests_running")
+    if running is not None:
+        assert running < int(flag(server_args(objects), "--max-num-seqs"))
+
+
+def test_hpa_metrics_are_gauges_the_server_exports(overlay):
+    _, objects = overlay
+    exported = exported_metrics()
+    for metric in hpa_metrics(objects):
+        assert exported.get(metric) == "gauge", f"the server exports no gauge {metric} (it has {sorted(exported)})"
+
+
+# ---- the Dockerfile --------------------------------------------------------------------------------------------
+def dockerfile_instructions(path: Path = DEPLOY / "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs: comments dropped, backslash continuations joined."""
+    out, pending = [], ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, rest = pending.strip().partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+        pending = ""
+    return out
+
+
+def final_stage(instructions):
+    start = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[start:]
+
+
+def stage_values(stage, keyword):
+    return [rest for k, rest in stage if k == keyword]
+
+
+def copy_sources(rest: str) -> tuple[list[str], bool]:
+    """The source paths of a COPY/ADD and whether they come from the build context (no --from)."""
+    if rest.startswith("["):
+        words = json.loads(rest)
+    else:
+        words = rest.split()
+    flags = [w for w in words if w.startswith("--")]
+    paths = [w for w in words if not w.startswith("--")]
+    return paths[:-1], not any(f.startswith("--from=") for f in flags)
+
+
+def setup_package_dirs() -> dict[str, str]:
+    tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PACKAGE_DIRS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no PACKAGE_DIRS")
+
+
+def test_dockerfile_runs_glmserve_serve_as_non_root():
+    stage = final_stage(dockerfile_instructions())
+    entrypoint = stage_values(stage, "ENTRYPOINT")[-1]
+    assert entrypoint.startswith("["), "exec form: the server must be PID 1 to receive SIGTERM (no /bin/sh -c)"
+    argv = json.loads(entrypoint)
+    assert posixpath.basename(argv[0]) == "glmserve" and argv[1:] == ["serve"]
+    user = stage_values(stage, "USER")[-1]
+    assert re.fullmatch(r"\d+(:\d+)?", user), "a numeric USER, so that runAsNonRoot can verify it"
+    assert int(user.split(":")[0]) != 0
+    exposed = {int(p.split("/")[0]) for rest in stage_values(stage, "EXPOSE") for p in rest.split()}
+    assert {GRPC_PORT, METRICS_PORT} <= exposed
+
+
+def test_dockerfile_default_cmd_is_a_valid_serve_command():
+    cmd = json.loads(stage_values(final_stage(dockerfile_instructions()), "CMD")[-1])
+    assert flag(cmd, "--model") == "glm-tiny", "the image serves the embedded model without a volume"
+    assert int(flag(cmd, "--port")) == GRPC_PORT and int(flag(cmd, "--metrics-port")) == METRICS_PORT
+    parse_serve_args(cmd)
+
+
+def test_dockerfile_installs_the_package_without_weights():
+    instructions = dockerfile_instructions()
+    copied = []
+    for keyword, rest in instructions:
+        if keyword in ("COPY", "ADD"):
+            sources, from_context = copy_sources(rest)
+            assert not any(s.endswith(WEIGHT_SUFFIXES) or "*" in s for s in sources), rest
+            if from_context:
+                copied += [s.rstrip("/") for s in sources]
+        if keyword == "RUN":
+            assert not re.search(r"huggingface-cli|hf_hub_download|snapshot_download|git lfs|\.safetensors", rest)
+    # Every folder setup.py installs, and the packaging files, reach the build stage.
+    assert set(setup_package_dirs().values()) | {"setup.py", "pyproject.toml", "README.md"} <= set(copied)
+    assert any(k == "RUN" and re.search(r"pip install( --\S+)* \.(\s|$)", rest) for k, rest in instructions)
+
+
+# ---- the build context -----------------------------------------------------------------------------------------
+def dockerignore_rules(path: Path = DEPLOY / "Dockerfile.dockerignore"):
+    rules = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = posixpath.normpath(line.lstrip("!").lstrip("/"))
+        regex = ""
+        for token in re.split(r"(\*\*/|\*\*|\*|\?)", pattern):
+            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+        rules.append((negate, re.compile(regex + r"\Z")))
+    return rules
+
+
+def dockerignored(path: str, rules) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    excluded = False
+    for negate, regex in rules:
+        if any(regex.match(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_build_context_holds_the_package_and_no_weights():
+    rules = dockerignore_rules()
+    for name in ("setup.py", "pyproject.toml", "README.md", "engine/assets/tiny_tokenizer.model"):
+        assert not dockerignored(name, rules), name
+    for folder in setup_package_dirs().values():
+        for root, dirs, files in os.walk(REPO / folder):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for file in files:
+                relative = (Path(root) / file).relative_to(REPO).as_posix()
+                expected = file.endswith(WEIGHT_SUFFIXES + (".pyc",))
+                assert dockerignored(relative, rules) == expected, relative
+    for name in ("models/chatglm3-6b-32k/model-00001-of-00007.safetensors", "engine/x.bin", "ckpt/model.pt",
+                 "tests/test_deploy.py", "deploy/Dockerfile", ".git/config", "engine/__pycache__/cli.pyc",
+                 "glmserve.egg-info/PKG-INFO"):
+        assert dockerignored(name, rules), name
+
+
+# ---- deploy/README.md ------------------------------------------------------------------------------------------
+README = DEPLOY / "README.md"
+
+
+def test_readme_service_config_balances_the_generation_service():
+    block = re.search(r"```json\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
+    config = json.loads(block)
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    method = config["methodConfig"][0]
+    assert method["name"] == [{"service": generation_service_name()}]
+    import grpc
+    assert {code for code in method["retryPolicy"]["retryableStatusCodes"]} <= {c.name for c in grpc.StatusCode}
+
+
+def test_readme_names_exported_metrics_and_existing_paths():
+    text = README.read_text(encoding="utf-8")
+    exported = exported_metrics()
+    for name in set(re.findall(r"glmserve_[a-z0-9_]+", text)):
+        family = re.sub(r"_(total|bucket|sum|count|created)$", "", name)
+        assert family in exported, f"deploy/README.md names {name}, which the server does not export"
+    for path in set(re.findall(r"(?<![\w/.])deploy/[\w./-]+\w", text)):
+        assert (REPO / path).exists(), path
