@@ -139,15 +139,12 @@ def _merge_list(key: str, base: list, patch: list, where: str) -> list:
         if key in ATOMIC_LISTS:
             return copy.deepcopy(patch)
         raise UnsupportedFeature(f"{where}: this renderer does not know how Kubernetes merges the list {key!r}")
-    out = copy.deepcopy(base)
-    for item in patch:
-        for i, existing in enumerate(out):
-            if existing.get(merge_key) == item.get(merge_key):
-                out[i] = strategic_merge(existing, item, f"{where}[{merge_key}={item.get(merge_key)}]")
-                break
-        else:
-            out.append(copy.deepcopy(item))
-    return out
+    # kustomize's order: the patch's items (merged with their base item) in patch order, then the base-only items.
+    by_key = {item.get(merge_key): item for item in base}
+    out = [strategic_merge(by_key[item.get(merge_key)], item, f"{where}[{merge_key}={item.get(merge_key)}]")
+           if item.get(merge_key) in by_key else copy.deepcopy(item) for item in patch]
+    patched = {item.get(merge_key) for item in patch}
+    return out + [copy.deepcopy(item) for item in base if item.get(merge_key) not in patched]
 
 
 # ---- images ----------------------------------------------------------------------------------------------------

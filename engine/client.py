@@ -127,8 +127,8 @@ def _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sa
                                  priority=priority)
     if prompt is not None:
         request.prompt = prompt
-    else:
-        request.prompt_token_ids.ids.extend(prompt_token_ids)
+    else:   # set even when empty, so the server reports an empty prompt rather than a missing one
+        request.prompt_token_ids.CopyFrom(pb.TokenIds(ids=prompt_token_ids))
     return request
 
 

@@ -117,6 +117,15 @@ def wait_idle(client: GenerationClient, timeout: float = 20.0):
         time.sleep(0.02)
 
 
+def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds (state that changes on the server's threads, not the test's)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout}s")
+        time.sleep(0.01)
+
+
 def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of a /metrics page."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -1,0 +1,139 @@
+"""Status codes: bad input, duplicates, deadlines, cancellation, engine faults, and that blocks are always freed."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from glmserve.proto import generation_pb2 as pb
+from glmserve.proto import generation_pb2_grpc as pb_grpc
+
+from .server_fixtures import client, session_server, shared_server, wait_idle  # noqa: F401 (fixtures)
+
+LONG = dict(max_tokens=3000, ignore_eos=True, temperature=0.0)   # runs for seconds on the tiny model
+
+
+def rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+@pytest.mark.parametrize("sampling, field_name", [
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"presence_penalty": 3.0}, "presence_penalty"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 5000}, "max_tokens"),   # past max_model_len
+    ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+    ({"logprobs": 50}, "logprobs"),
+    ({"n": 0}, "n"),
+    ({"stop": [""]}, "stop"),
+    ({"stop_token_ids": [10 ** 6]}, "stop_token_ids"),
+])
+def test_bad_sampling_values(client, sampling, field_name):
+    err = rpc_error(lambda: list(client.generate("hello", **sampling)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in err.details()
+
+
+@pytest.mark.parametrize("kwargs, field_name", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt_token_ids": []}, "prompt"),
+    ({"prompt_token_ids": [5] * 4096}, "prompt"),   # no room left to generate within max_model_len
+    ({"prompt_token_ids": [5, 10 ** 6]}, "prompt_token_ids"),
+    ({"prompt_token_ids": [5, -1]}, "prompt_token_ids"),
+    ({"prompt": "x", "request_id": "a#1"}, "request_id"),
+])
+def test_bad_prompts(client, kwargs, field_name):
+    err = rpc_error(lambda: list(client.generate(**kwargs)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in err.details()
+
+
+def test_missing_input(shared_server):
+    with grpc.insecure_channel(shared_server.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        err = rpc_error(lambda: list(stub.Generate(pb.GenerateRequest())))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "input" in err.details()
+        err = rpc_error(lambda: stub.Tokenize(pb.TokenizeRequest()))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "input" in err.details()
+
+
+@pytest.mark.parametrize("messages, tools, field_name", [
+    ([], None, "messages"),
+    ([{"role": "robot", "content": "beep"}], None, "messages[0]"),
+    ([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}], None, "messages[1]"),
+    ([{"role": "user", "content": "hi"}], "{not json", "tools"),
+    ([{"role": "user", "content": "hi"}], "42", "tools"),
+])
+def test_bad_chats(client, messages, tools, field_name):
+    err = rpc_error(lambda: list(client.chat(messages, tools=tools, max_tokens=2)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in err.details()
+    err = rpc_error(lambda: client.tokenize(messages=messages, tools=tools))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_duplicate_in_flight_request_id(client):
+    first = client.generate("hello", request_id="dup", **LONG)
+    next(first)
+    err = rpc_error(lambda: list(client.generate("hello", request_id="dup", max_tokens=2)))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "dup" in err.details()
+    first.close()
+    wait_idle(client)
+    # Once the first is gone the id is free again.
+    assert list(client.generate("hello", request_id="dup", max_tokens=2))[-1].finish_reason == "length"
+
+
+def test_deadline_aborts_and_frees_blocks(client):
+    stream = client.generate("hello", timeout=0.5, **LONG)
+    first = next(stream)
+    assert first.token_ids
+    assert client.load().num_running == 1
+    err = rpc_error(lambda: list(stream))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(client, timeout=5)
+
+
+def test_deadline_passed_before_start(shared_server):
+    # A deadline that is already over by the time the handler runs is refused without queueing anything.
+    with grpc.insecure_channel(shared_server.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        err = rpc_error(lambda: list(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=0.0001)))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_client_cancel_frees_blocks_at_once(client):
+    stream = client.generate("hello", **LONG)
+    for _ in range(3):
+        next(stream)
+    load = client.load()
+    assert load.num_running == 1 and load.num_free_blocks < load.num_total_blocks
+    stream.close()   # cancels the call
+    wait_idle(client, timeout=2)
+
+
+def test_engine_fault_fails_the_request_and_the_server_keeps_serving(client, shared_server):
+    runner = shared_server.engine.runner
+    original = runner.execute
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("injected fault")
+        return original(*args, **kwargs)
+
+    runner.execute = fail_once
+    try:
+        err = rpc_error(lambda: list(client.generate("hello", max_tokens=4)))
+    finally:
+        runner.execute = original
+    assert err.code() == grpc.StatusCode.INTERNAL and "injected fault" in err.details()
+    wait_idle(client)
+    assert client.health() == "SERVING"
+    assert list(client.generate("hello", max_tokens=4))[-1].finish_reason == "length"
