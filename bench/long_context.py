@@ -41,7 +41,12 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(args: argparse.Namespace) -> LongContextResult:
+def run(args: argparse.Namespace) -> int:
+    measure(args)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> LongContextResult:
     from glmserve.engine.llm import LLM
     from glmserve.engine.sampling_params import SamplingParams
     llm = LLM(args.model, max_num_seqs=1, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -72,8 +77,7 @@ def run(args: argparse.Namespace) -> LongContextResult:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="glmserve-bench long-context", description=__doc__)
     add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

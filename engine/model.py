@@ -3,10 +3,16 @@
 Module names follow the checkpoint's tensor names (``transformer.encoder.layers.{i}.self_attention...``) so the
 loader copies tensors by name. ``forward(input_ids, positions)`` takes a flat batch of tokens [T]; attention reads
 its paged-cache metadata from ``attention_context``.
+
+Tensor parallel: a model built with a ``ShardLayout`` of N ranks and a ``TensorParallelGroup`` holds one rank's
+share (see parallel_layout.py) and all-reduces after the row-parallel linears and the vocabulary-parallel
+embedding; ``compute_logits`` gathers the vocabulary slices on rank 0. Without a group (N = 1) the model is the
+plain single-process one: no collective is called.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +20,10 @@ from torch import nn
 
 from .attention import AttentionBackend, current_attention_metadata
 from .config import ModelConfig
+from .parallel_layout import ShardLayout
+
+if TYPE_CHECKING:
+    from .parallel_group import TensorParallelGroup
 
 
 class RMSNorm(nn.Module):
@@ -56,8 +66,11 @@ class RotaryEmbedding:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """``config`` holds this rank's heads and KV groups; ``group`` all-reduces the partial ``dense`` output."""
+
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None):
         super().__init__()
+        self.group = group
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -79,28 +92,31 @@ class SelfAttention(nn.Module):
         k = self.rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, current_attention_metadata(), self.scale)
-        return self.dense(out.flatten(1))
+        out = self.dense(out.flatten(1))      # [T, hidden]; a partial sum over this rank's heads when sharded
+        return out if self.group is None else self.group.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None):
         super().__init__()
+        self.group = group
         # FIRST half of the output is the gate (SiLU), the second half the up projection.
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        out = self.dense_4h_to_h(F.silu(gate) * up)     # a partial sum over this rank's ffn slice when sharded
+        return out if self.group is None else self.group.all_reduce(out)
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.self_attention = SelfAttention(config)
+        self.self_attention = SelfAttention(config, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, group)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attention(positions, self.input_layernorm(x))
@@ -108,31 +124,54 @@ class GLMBlock(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Holds vocabulary rows [vocab_start, vocab_start + padded_vocab_size) of ``config`` (all of them unsharded)."""
+
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None, vocab_start: int = 0):
         super().__init__()
+        self.group = group
+        self.vocab_start = vocab_start
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden]."""
+        if self.group is None:
+            return self.word_embeddings(input_ids)
+        # Vocabulary-parallel: each id lives on exactly one rank; the others add zeros in the all-reduce.
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.word_embeddings.num_embeddings)
+        x = self.word_embeddings(local.masked_fill(outside, 0))
+        return self.group.all_reduce(x.masked_fill(outside[:, None], 0.0))
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(GLMBlock(config, group) for _ in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None, vocab_start: int = 0):
         super().__init__()
-        self.embedding = Embedding(config)
-        self.encoder = Encoder(config)
+        self.embedding = Embedding(config, group, vocab_start)
+        self.encoder = Encoder(config, group)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
 
 
 class GLMForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """``config`` is the checkpoint's config.json; with ``shard`` (rank r of N) the model holds that rank's share
+    and ``self.config`` describes the share (heads, KV groups, ffn and vocabulary rows divided by N), which is
+    what the KV cache and memory sizing need. ``group`` does the collectives; it is required when N > 1."""
+
+    def __init__(self, config: ModelConfig, shard: ShardLayout | None = None,
+                 group: TensorParallelGroup | None = None):
         super().__init__()
-        self.config = config
-        self.transformer = Transformer(config)
+        self.shard = shard or ShardLayout(config)
+        if (self.shard.world_size > 1) != (group is not None):
+            raise ValueError("a sharded model needs a tensor-parallel group, and only a sharded model takes one")
+        self.config = self.shard.local_config
+        self.group = group
+        self.transformer = Transformer(self.config, group, self.shard.vocab_start)
 
     @property
     def attention_layers(self) -> list[SelfAttention]:
@@ -148,11 +187,19 @@ class GLMForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden] (after the final norm)."""
-        x = self.transformer.embedding.word_embeddings(input_ids)
+        x = self.transformer.embedding(input_ids)
         for layer in self.transformer.encoder.layers:
             x = layer(positions, x)
         return self.transformer.encoder.final_layernorm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> float32 logits [N, padded_vocab_size]."""
-        return self.transformer.output_layer(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden: [N, hidden] -> float32 logits [N, padded_vocab_size] (of the checkpoint).
+
+        Sharded: every rank projects onto its vocabulary rows and rank 0 gathers them; the other ranks get None.
+        """
+        logits = self.transformer.output_layer(hidden)      # [N, this rank's vocabulary rows]
+        if self.group is not None:
+            logits = self.group.gather_last_dim(logits)
+            if logits is None:
+                return None
+        return logits.float()

@@ -18,6 +18,16 @@ from .scheduler import ScheduledBatch
 
 
 @dataclass
+class ModelInputs:
+    """One step's flat batch: everything a forward pass needs (what rank 0 sends to tensor-parallel workers)."""
+
+    input_ids: torch.Tensor         # [T] int64
+    positions: torch.Tensor         # [T] int64
+    attention: AttentionMetadata
+    logits_indices: torch.Tensor    # [S] int64: rows of the hidden states to project to logits (may be empty)
+
+
+@dataclass
 class StepResult:
     """Per scheduled request (in the batch's order): the sampled token, or None for an unfinished prefill."""
 
@@ -74,15 +84,14 @@ class ModelRunner:
             block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
             num_decodes=sum(1 for n in counts if n == 1),
             max_query_len=max(counts), max_seq_len=max(seq_lens))
-        with attention_context(meta):
-            hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev))
         # Sample only sequences whose last token is computed this step.
         sample_at = [i for i, (r, n) in enumerate(zip(requests, counts)) if r.num_computed_tokens + n == r.num_tokens]
+        last_token = torch.tensor([query_start[i + 1] - 1 for i in sample_at], dtype=torch.int64, device=dev)
+        logits = self.run_model(ModelInputs(torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                                            torch.tensor(positions, dtype=torch.int64, device=dev), meta, last_token))
         result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))
         if not sample_at:
             return result
-        last_token = torch.tensor([query_start[i + 1] - 1 for i in sample_at], device=dev)
-        logits = self.model.compute_logits(hidden[last_token])
         rows = [self._sampling_row(requests[i]) for i in sample_at]
         out: SamplerOutput = self.sampler(logits, rows)
         for j, i in enumerate(sample_at):
@@ -92,6 +101,15 @@ class ModelRunner:
                 result.logprobs[k] = out.logprobs[j]
                 result.top_logprobs[k] = out.top_logprobs[j]
         return result
+
+    @torch.inference_mode()
+    def run_model(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """The forward pass and the logits of ``inputs.logits_indices`` (None when there are none to compute)."""
+        with attention_context(inputs.attention):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        if not inputs.logits_indices.numel():
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def _sampling_row(self, request: Request) -> SamplingRow:
         if request.params.seed is not None and request.generator is None:

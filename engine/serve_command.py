@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 from .engine_args import add_engine_arguments, engine_config_from_args
 
@@ -46,6 +47,7 @@ def add_serve_parser(sub) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from .loader import resolve_model_source
     from .server import ServerOptions
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for path in (args.tls_cert, args.tls_key):
@@ -55,7 +57,13 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         drain_timeout=args.drain_timeout, max_waiting_requests=args.max_waiting_requests, api_key=args.api_key,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes)
-    return asyncio.run(serve(engine_config_from_args(args), options))
+    config = engine_config_from_args(args)
+    resolve_model_source(config.model, config.load_format, config.tokenizer)   # a bad --model fails before binding
+    try:
+        return asyncio.run(serve(config, options))
+    except OSError as exc:   # the port is taken, a TLS file is unreadable, ...
+        print(f"glmserve serve: error: {exc}", file=sys.stderr)
+        return 1
 
 
 async def serve(config, options) -> int:

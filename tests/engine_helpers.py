@@ -10,9 +10,10 @@ from glmserve.engine.outputs import RequestOutput
 
 def make_engine(model: str, *, num_kv_blocks: int | None = 512, block_size: int = 16, max_num_seqs: int = 64,
                 max_num_batched_tokens: int = 512, prefix_caching: bool = True, chunked_prefill: bool = True,
-                attention_backend: str = "torch", max_model_len: int | None = None) -> Engine:
+                attention_backend: str = "torch", max_model_len: int | None = None, device: str = "cpu",
+                dtype: str = "auto") -> Engine:
     return Engine(EngineConfig(
-        model=model, attention_backend=attention_backend,
+        model=model, attention_backend=attention_backend, device=device, dtype=dtype,
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, enable_prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   enable_chunked_prefill=chunked_prefill, max_model_len=max_model_len)))

@@ -2,8 +2,13 @@
 and runner (Triton interpreter on the CPU, compiled on a GPU)."""
 from __future__ import annotations
 
-from ..engine_helpers import assert_no_leaks, make_engine, random_prompts, run_to_completion
+import torch
+
 from glmserve.engine.sampling_params import SamplingParams
+
+from ..engine_helpers import assert_no_leaks, make_engine, random_prompts, run_to_completion
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_triton_backend_generates_what_the_torch_backend_generates(tiny_checkpoint):
@@ -14,7 +19,8 @@ def test_triton_backend_generates_what_the_torch_backend_generates(tiny_checkpoi
                 1: [("p2", prompts[2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))]}
     results = {}
     for backend in ("torch", "triton"):
-        engine = make_engine(str(tiny_checkpoint), attention_backend=backend, max_num_batched_tokens=24)
+        engine = make_engine(str(tiny_checkpoint), attention_backend=backend, max_num_batched_tokens=24,
+                             device=DEVICE, dtype="float32")
         results[backend] = run_to_completion(engine, arrivals)
         assert_no_leaks(engine)
     assert results["triton"] == results["torch"]
