@@ -13,11 +13,12 @@ PACKAGE_DIRS = {
     "glmserve.bench": "bench",
 }
 
+# The committed stubs (proto/generate.py, grpcio-tools 1.85.1) check these runtime versions at import.
 GRPC = [
-    "grpcio>=1.60",
-    "grpcio-health-checking>=1.60",
-    "grpcio-reflection>=1.60",
-    "protobuf>=4.25",
+    "grpcio>=1.85.1",
+    "grpcio-health-checking>=1.85.1",
+    "grpcio-reflection>=1.85.1",
+    "protobuf>=7.35.1",
     "prometheus_client>=0.19",
 ]
 
@@ -44,7 +45,7 @@ setup(
             "pytest>=7.4",
             "pytest-timeout>=2.2",
             "transformers>=4.46",
-            "grpcio-tools>=1.60",
+            "grpcio-tools==1.85.1",
             "kubernetes-validate>=1.28",
             "pyyaml>=6",
         ],

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "offline": Subcommand("glmserve.bench.offline",
                           "offline throughput: glmserve against HF generate (static batches, one at a time)"),
     "frontend": Subcommand("glmserve.bench.frontend", "frontend benchmark"),
+    "serve": Subcommand("glmserve.bench.serve", "load-test a running gRPC server (latency, throughput, goodput)"),
     "long-context": Subcommand("glmserve.bench.long_context", "a 32768-token prompt on the CPU: time and peak memory"),
     "decode": Subcommand("glmserve.bench.decode_throughput",
                          "end-to-end decode throughput against the bandwidth roofline and HF generate (GPU)"),

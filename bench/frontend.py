@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.engine import Engine
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.server import GenerationServer, ServerOptions
+from glmserve.engine.server_thread import ServerThread
 
 from .machine import machine_info
 
@@ -161,26 +161,6 @@ def _mode_result(mode, concurrency, tokens, wall, latencies) -> ModeResult:
                       1000 * percentile(latencies, 0.50), 1000 * percentile(latencies, 0.99))
 
 
-class _ServerThread:
-    """The gRPC server on its own event loop thread, as in a real deployment it does not share the client's."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = GenerationServer(ServerOptions(host="127.0.0.1", port=0, metrics_port=None))
-        self._call(self.server.start())
-        self._call(self.server.load(lambda: engine))
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self) -> None:
-        self._call(self.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-
-
 def run(args: argparse.Namespace) -> int:
     result = measure(args)
     print(result.table())
@@ -203,7 +183,8 @@ def measure(args: argparse.Namespace) -> FrontendResult:
     asyncio.run(_engine_mode(engine, args, 1, -1))
     for salt, concurrency in enumerate(levels):
         result.results.append(asyncio.run(_engine_mode(engine, args, concurrency, 2 * salt)))
-    server = _ServerThread(engine)
+    # The server gets an event loop of its own, as in a deployment it does not share the client's.
+    server = ServerThread(ServerOptions(host="127.0.0.1", port=0, metrics_port=None), lambda: engine)
     try:
         for salt, concurrency in enumerate(levels):
             result.results.append(asyncio.run(_grpc_mode(server.server, engine, args, concurrency, 2 * salt + 1)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,41 @@ def machine_info() -> MachineInfo:
 
 
 def load_average() -> float:
-    """1-minute load average. Another busy process on a core slows torch's OpenMP threads many times over (they
-    wait for each other), so a figure is only as good as the load it was measured under."""
+    """1-minute load average (it counts the benchmark's own running threads too)."""
     return os.getloadavg()[0]
+
+
+@dataclass
+class CpuSnapshot:
+    wall: float
+    all_busy: float | None      # busy CPU seconds of all processes since boot (/proc/stat); None off Linux
+    own: float                  # CPU seconds of this process, all threads
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    own = os.times()
+    return CpuSnapshot(time.perf_counter(), _all_busy_seconds(), own.user + own.system)
+
+
+def others_cpu_share(start: CpuSnapshot, end: CpuSnapshot) -> float | None:
+    """The share of all cores' time that other processes used between two snapshots: 0 means the machine was ours.
+
+    Worth recording with every CPU figure: another busy process on a core slows torch's OpenMP threads many times
+    over (they wait for each other at every parallel region), far more than its share of the CPU suggests.
+    """
+    if start.all_busy is None or end.all_busy is None:
+        return None
+    others = (end.all_busy - start.all_busy) - (end.own - start.own)
+    capacity = (end.wall - start.wall) * (os.cpu_count() or 1)
+    return min(1.0, max(0.0, others / capacity)) if capacity > 0 else None
+
+
+def _all_busy_seconds() -> float | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy.
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")

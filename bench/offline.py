@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
@@ -21,7 +20,7 @@ from glmserve.engine.llm import LLM
 from glmserve.engine.sampling_params import SamplingParams
 
 from .forward_timer import ForwardTimer
-from .machine import load_average, machine_info
+from .machine import CpuSnapshot, cpu_snapshot, load_average, machine_info, others_cpu_share
 from .offline_report import EngineOverhead, OfflineResult, SystemResult, compare_outputs
 from .workload import BenchRequest, LengthRange, make_workload
 
@@ -58,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
                              args.seed)
     run_glmserve(llm, WARMUP)
     outputs, glmserve, overhead = run_glmserve(llm, requests)
-    result = OfflineResult(workload=_workload_settings(args), machine=machine_info(), glmserve=glmserve,
-                           overhead=overhead)
+    result = OfflineResult(settings=_settings(args), machine=machine_info(), glmserve=glmserve, overhead=overhead)
     if not args.skip_hf:
         run_hf_baselines(llm, requests, outputs, args, result)
     print(result.summary())
@@ -72,12 +70,13 @@ def run_glmserve(llm: LLM, requests: list[BenchRequest]) -> tuple[list[list[int]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     preemptions_before = llm.stats()["num_preemptions"]
     with ForwardTimer(llm.engine.runner.model) as times:
-        t0 = time.perf_counter()
+        start = cpu_snapshot()
         results = llm.generate(prompt_token_ids=[r.prompt_token_ids for r in requests], sampling_params=params)
-        seconds = time.perf_counter() - t0
+        end = cpu_snapshot()
     outputs = [r.outputs[0].token_ids for r in results]
     num_tokens = sum(len(o) for o in outputs)
-    system = SystemResult("glmserve (continuous batching)", len(requests), num_tokens, seconds, load_average())
+    seconds = end.wall - start.wall
+    system = _system("glmserve (continuous batching)", len(requests), num_tokens, seconds, start, end)
     overhead = EngineOverhead(seconds, times.forward_seconds, times.logits_seconds, num_tokens,
                               times.num_forward_calls, times.num_forward_tokens,
                               llm.stats()["num_preemptions"] - preemptions_before)
@@ -92,21 +91,29 @@ def run_hf_baselines(llm: LLM, requests: list[BenchRequest], outputs: list[list[
     model = build_hf_model(engine.model_config, engine.runner.model.state_dict(), llm.tokenizer.vocab_size)
     batch = args.max_num_seqs
     generate_static_batches(model, WARMUP, batch)
+    start = cpu_snapshot()
     static = generate_static_batches(model, requests, batch)
-    result.hf_static = SystemResult(f"HF generate, static batches of {batch}", len(requests),
-                                    static.num_output_tokens, static.seconds, load_average())
+    result.hf_static = _system(f"HF generate, static batches of {batch}", len(requests), static.num_output_tokens,
+                               static.seconds, start, cpu_snapshot())
     result.agreement.append(compare_outputs("HF static batches", outputs, static.outputs))
     if args.skip_hf_single:
         return
     subset = requests[:max(1, args.hf_single_requests)]
     generate_one_at_a_time(model, WARMUP)
+    start = cpu_snapshot()
     single = generate_one_at_a_time(model, subset)
-    result.hf_single = SystemResult("HF generate, one at a time", len(subset), single.num_output_tokens,
-                                    single.seconds, load_average(), subset=len(subset) < len(requests))
+    result.hf_single = _system("HF generate, one at a time", len(subset), single.num_output_tokens, single.seconds,
+                               start, cpu_snapshot(), subset=len(subset) < len(requests))
     result.agreement.append(compare_outputs("HF one at a time", outputs, single.outputs))
 
 
-def _workload_settings(args: argparse.Namespace) -> dict:
+def _system(name: str, num_requests: int, num_tokens: int, seconds: float, start: CpuSnapshot, end: CpuSnapshot,
+            subset: bool = False) -> SystemResult:
+    return SystemResult(name, num_requests, num_tokens, seconds, others_cpu_share(start, end), load_average(),
+                        subset)
+
+
+def _settings(args: argparse.Namespace) -> dict:
     settings = {k: v for k, v in vars(args).items() if k != "command"}
     settings["input_len"], settings["output_len"] = str(args.input_len), str(args.output_len)
     return settings

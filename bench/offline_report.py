@@ -15,7 +15,8 @@ class SystemResult:
     num_requests: int           # requests this system ran (a subset of the workload when ``subset``)
     num_output_tokens: int      # useful tokens only: each request's own output length
     seconds: float
-    load_average: float         # 1-minute load average right after this system's run
+    others_cpu_share: float | None  # share of the cores other processes used during this run (0: undisturbed)
+    load_average: float         # 1-minute load average right after this run, the benchmark's own threads included
     subset: bool = False        # tokens/s measured on the first ``num_requests`` requests only
 
     @property
@@ -67,7 +68,7 @@ class EngineOverhead:
 
 @dataclass
 class OfflineResult:
-    workload: dict              # the command's settings
+    settings: dict              # the command's arguments
     machine: MachineInfo
     glmserve: SystemResult
     overhead: EngineOverhead
@@ -99,11 +100,12 @@ class OfflineResult:
             f.write("\n")
 
     def summary(self) -> str:
-        w = self.workload
+        w = self.settings
         lines = [f"offline: {w['model']}, {w['num_requests']} requests, input {w['input_len']}, output "
                  f"{w['output_len']}, batch {w['max_num_seqs']}, greedy fp32, {self.machine.torch_threads} threads "
                  f"on {self.machine.cpu_model}",
-                 f"{'system':<34}{'requests':>10}{'out tokens':>12}{'seconds':>10}{'tokens/s':>10}{'load':>7}"]
+                 f"{'system':<34}{'requests':>10}{'out tokens':>12}{'seconds':>10}{'tokens/s':>10}"
+                 f"{'others':>8}{'load':>6}"]
         lines += [_system_line(s, w["num_requests"]) for s in (self.glmserve, self.hf_static, self.hf_single)
                   if s is not None]
         if self.hf_single is not None and self.hf_single.subset:
@@ -128,8 +130,9 @@ class OfflineResult:
 
 def _system_line(s: SystemResult, total_requests: int) -> str:
     requests = f"{s.num_requests}/{total_requests}*" if s.subset else str(s.num_requests)
+    others = "n/a" if s.others_cpu_share is None else f"{100 * s.others_cpu_share:.0f}%"
     return (f"{s.name:<34}{requests:>10}{s.num_output_tokens:>12}{s.seconds:>10.2f}{s.tokens_per_s:>10.1f}"
-            f"{s.load_average:>7.2f}")
+            f"{others:>8}{s.load_average:>6.2f}")
 
 
 def compare_outputs(baseline: str, ours: Sequence[Sequence[int]], theirs: Sequence[Sequence[int]]) -> Agreement:

@@ -62,6 +62,7 @@ async def send(client: AsyncGenerationClient, request_id: str, prompt: BenchProm
     """
     sampling = sampling_for(prompt, temperature, chaos)
     timeout = chaos.timeout_s if chaos is not None else None
+    start = time.perf_counter()   # the call starts as soon as generate()/chat() is called
     if chaos is not None and chaos.prompt_token_ids is not None:
         stream = client.generate(prompt_token_ids=list(chaos.prompt_token_ids), request_id=request_id,
                                  timeout=timeout, **sampling)
@@ -71,7 +72,7 @@ async def send(client: AsyncGenerationClient, request_id: str, prompt: BenchProm
     else:
         messages = history + [{"role": role, "content": content} for role, content in prompt.messages]
         stream = client.chat(messages, request_id=request_id, timeout=timeout, **sampling)
-    record = RequestRecord(request_id, chaos.kind if chaos else None, time.perf_counter(),
+    record = RequestRecord(request_id, chaos.kind if chaos else None, start,
                            prompt_len=prompt.prompt_len or 0, expected_output_len=sampling["max_tokens"])
     cancel_after = chaos.cancel_after if chaos is not None and chaos.kind == "cancel" else None
     text = []

@@ -7,7 +7,7 @@ Per completed request (status OK, no chaos):
         all requests (a chunk that carries several tokens is one gap: that is when the client saw them)
   E2EL  end-to-end latency: the call to its end
 Each is summarised as mean, median, population std, p90 and p99 (linear interpolation), in milliseconds.
-Goodput counts the completed requests that meet every given SLO, per second of the run.
+Goodput counts the completed requests that meet every given SLO, per second of the run (None without SLOs).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class BenchMetrics:
     total_output_tokens: int
     duration: float
     request_throughput: float
-    request_goodput: float
+    request_goodput: float | None   # None without SLOs
     output_throughput: float
     total_token_throughput: float
     ttft: LatencyStats
@@ -101,15 +101,19 @@ def compute_metrics(records: list[RequestRecord], duration: float, slos_ms: dict
     """
     normal = [r for r in records if r.chaos is None]
     done = [r for r in normal if r.ok and r.chunk_times]
-    errors = Counter(r.code if not r.ok else "NO_TOKENS" for r in normal if r not in done)
+    # An OK call without a token cannot happen with max_tokens >= 1; it is counted rather than dropped silently.
+    errors = Counter(r.code if not r.ok else "NO_TOKENS" for r in normal if not (r.ok and r.chunk_times))
     input_tokens = sum(r.prompt_len for r in done)
     output_tokens = sum(r.output_len for r in done)
-    good = sum(meets_slos(r, slos_ms) for r in done) if slos_ms else len(done)
-    per_s = (lambda n: n / duration) if duration > 0 else (lambda n: 0.0)
+
+    def per_s(n: int) -> float:
+        return n / duration if duration > 0 else 0.0
+
     return BenchMetrics(
         completed=len(done), failed=len(normal) - len(done), total_input_tokens=input_tokens,
         total_output_tokens=output_tokens, duration=duration, request_throughput=per_s(len(done)),
-        request_goodput=per_s(good), output_throughput=per_s(output_tokens),
+        request_goodput=per_s(sum(meets_slos(r, slos_ms) for r in done)) if slos_ms else None,
+        output_throughput=per_s(output_tokens),
         total_token_throughput=per_s(input_tokens + output_tokens),
         ttft=latency_stats([ttft(r) for r in done]),
         tpot=latency_stats([t for t in map(tpot, done) if t is not None]),

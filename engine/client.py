@@ -11,7 +11,6 @@ server's defaults. Failed calls raise ``grpc.RpcError`` (``.code()``, ``.details
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -217,15 +216,16 @@ class GenerationClient:
                  request_id: str = "", priority: int = 0, timeout: float | None = None,
                  **sampling) -> Iterator[Chunk]:
         request = _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sampling)
-        return self._stream(self._stub.Generate, request, timeout)
+        return _iterate(self._call(self._stub.Generate, request, timeout))
 
     def chat(self, messages: Iterable[ChatMessage | dict], *, tools=None, stream: bool = True, request_id: str = "",
              priority: int = 0, timeout: float | None = None, **sampling) -> Iterator[Chunk]:
         """``tools``: a list/dict (sent as JSON) or a JSON string."""
         request = _chat_request(messages, tools, stream, request_id, priority, sampling)
-        return self._stream(self._stub.Chat, request, timeout)
+        return _iterate(self._call(self._stub.Chat, request, timeout))
 
-    def tokenize(self, text: str | None = None, *, messages=None, tools=None, timeout: float | None = None) -> list[int]:
+    def tokenize(self, text: str | None = None, *, messages=None, tools=None,
+                 timeout: float | None = None) -> list[int]:
         return list(self._call(self._stub.Tokenize, _tokenize_request(text, messages, tools), timeout).token_ids)
 
     def abort(self, request_id: str, timeout: float | None = None) -> bool:
@@ -267,10 +267,6 @@ class GenerationClient:
     def _call(self, method, request, timeout):
         return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
 
-    def _stream(self, method, request, timeout) -> Iterator[Chunk]:
-        call = self._call(method, request, timeout)
-        return _iterate(call)
-
 
 def _iterate(call) -> Iterator[Chunk]:
     try:
@@ -281,8 +277,8 @@ def _iterate(call) -> Iterator[Chunk]:
 
 
 class AsyncGenerationClient:
-    """The asyncio twin of :class:`GenerationClient`: ``generate``/``chat`` return async iterators, the other
-    calls are coroutines."""
+    """The asyncio twin of :class:`GenerationClient` (without ``wait_ready``): ``generate``/``chat`` return async
+    iterators, the other calls are coroutines."""
 
     def __init__(self, target: str, *, api_key: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, timeout: float | None = None,
@@ -324,18 +320,6 @@ class AsyncGenerationClient:
         reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service),
                                          timeout=timeout or self._timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-
-    async def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if await self.health(timeout=max(0.1, deadline - time.monotonic())) == SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was not SERVING within {timeout}s")
-            await asyncio.sleep(0.1)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -10,7 +10,8 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .errors import DuplicateRequestError, RequestError
-from .loader import load_model, resolve_dtype, resolve_model_source
+from .loader import ModelSource, load_model, resolve_dtype, resolve_model_source
+from .model import GLMForCausalLM
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor, TokenEvent
 from .outputs import RequestOutput
@@ -51,17 +52,17 @@ class Engine:
             raise RequestError("device", "device cuda was requested but no CUDA device is available")
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        model = load_model(source, self.device, self.dtype, config.seed)
+        model = self._load_model(source)
         self.max_model_len = config.scheduler.max_model_len or source.config.seq_length
         if self.max_model_len > source.config.seq_length:
             raise RequestError("max_model_len", f"max_model_len {self.max_model_len} exceeds the model's "
                                f"seq_length {source.config.seq_length}")
         block_size = config.cache.block_size
         self.num_blocks = self._num_kv_blocks(model)
-        self.runner = ModelRunner(model, num_blocks=self.num_blocks, block_size=block_size,
-                                  max_model_len=self.max_model_len, vocab_size=self.tokenizer.vocab_size,
-                                  eos_token_id=self.tokenizer.eos_token_id,
-                                  attention_backend=config.attention_backend)
+        self.runner = self._make_runner(model, num_blocks=self.num_blocks, block_size=block_size,
+                                        max_model_len=self.max_model_len, vocab_size=self.tokenizer.vocab_size,
+                                        eos_token_id=self.tokenizer.eos_token_id,
+                                        attention_backend=config.attention_backend)
         self.block_manager = BlockManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
                                    self.tokenizer.eos_token_id)
@@ -70,10 +71,21 @@ class Engine:
         self.last_step_num_tokens = 0      # tokens computed by the latest step (a metrics histogram reads it)
         self._children: dict[str, list[str]] = {}
 
+    # ---- model and runner (a tensor-parallel engine overrides these two) ---------------------------------------
+    def _load_model(self, source: ModelSource) -> GLMForCausalLM:
+        return load_model(source, self.device, self.dtype, self.config.seed)
+
+    def _make_runner(self, model: GLMForCausalLM, **runner_args) -> ModelRunner:
+        return ModelRunner(model, **runner_args)
+
+    def shutdown(self) -> None:
+        """Release what outlives the engine object (a tensor-parallel engine's worker processes)."""
+
     # ---- sizing -----------------------------------------------------------------------------------------------
     def _num_kv_blocks(self, model) -> int:
         cache = self.config.cache
-        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        # model.config: a tensor-parallel rank's own share of the KV heads
+        per_block = ModelRunner.kv_bytes_per_block(model.config, cache.block_size, self.dtype)
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
         if cache.kv_cache_memory is not None:
@@ -98,24 +110,19 @@ class Engine:
         return max(0, budget // per_block)
 
     # ---- requests ---------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    priority: int = 0, chat: bool = False, arrival_time: float | None = None) -> None:
-        """Queue a request (``n`` > 1 becomes n child requests sharing the prompt's cached blocks).
+    def validate_request(self, prompt_token_ids, params: SamplingParams, *,
+                         chat: bool = False) -> tuple[list[int], SamplingParams]:
+        """Check a request without queuing it; returns its prompt and the params it will run with.
 
-        Raises RequestError / SamplingParamsError (both ValueError, naming the field) for invalid input and
-        DuplicateRequestError for an id already in flight.
+        Reads only settings fixed at start-up, so a server may call it from its own thread. Raises RequestError /
+        SamplingParamsError (both ValueError, naming the field).
         """
-        if request_id in self._children or request_id in self.scheduler.requests:
-            raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
         prompt = self._validate_prompt(prompt_token_ids)
         params.validate(vocab_size=self.tokenizer.vocab_size, max_model_len=self.max_model_len,
                         prompt_len=len(prompt))
         changes: dict = {}
         if params.max_tokens is None:
             changes["max_tokens"] = self.max_model_len - len(prompt)
-            if changes["max_tokens"] < 1:
-                raise RequestError("prompt", f"the prompt ({len(prompt)} tokens) leaves no room to generate "
-                                   f"within max_model_len {self.max_model_len}")
         if chat:   # ChatGLM3 replies end with eos, <|user|> or <|observation|>
             extra = [t for t in self.tokenizer.chat_stop_token_ids if t not in params.stop_token_ids]
             changes["stop_token_ids"] = list(params.stop_token_ids) + extra
@@ -124,6 +131,17 @@ class Engine:
         if needed > self.num_blocks:
             raise RequestError("max_tokens", f"the request needs {needed} KV blocks for prompt + max_tokens = "
                                f"{len(prompt) + params.max_tokens} tokens, but the cache has {self.num_blocks}")
+        return prompt, params
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    priority: int = 0, chat: bool = False, arrival_time: float | None = None) -> None:
+        """Queue a request (``n`` > 1 becomes n child requests sharing the prompt's cached blocks).
+
+        Raises what ``validate_request`` raises, and DuplicateRequestError for an id already in flight.
+        """
+        if request_id in self._children or request_id in self.scheduler.requests:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
+        prompt, params = self.validate_request(prompt_token_ids, params, chat=chat)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         for index, child_id in enumerate(ids):

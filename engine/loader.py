@@ -1,7 +1,7 @@
 """From ``--model DIR_OR_PRESET`` to a GLMForCausalLM with its weights on the device.
 
 Shards are read one at a time and copied into parameters that were allocated once, so peak host memory stays
-near the model size plus one shard.
+near the model size plus one shard. A tensor-parallel rank allocates and reads only its share of each tensor.
 """
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from .config import MODEL_PRESETS, ModelConfig, preset_names
 from .model import GLMForCausalLM
-from .weights import (IGNORED_TENSOR_SUFFIXES, QUANTIZED_LINEARS, CheckpointError, dequantize, find_weight_files,
-                      iter_shard_tensors, quantized_storage_shape)
+from .parallel_layout import ShardLayout, TensorSlice
+from .weights import (IGNORED_TENSOR_SUFFIXES, QUANTIZED_LINEARS, CheckpointError, ShardFile, find_weight_files,
+                      quantized_storage_shape, scale_rows, take_slice, unpack_int4)
+
+if TYPE_CHECKING:
+    from .parallel_group import TensorParallelGroup
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,21 +65,35 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def init_dummy_weights(model: GLMForCausalLM, seed: int) -> None:
-    """Seeded random weights (like vLLM's dummy format): the same values on every device."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
-        if name.endswith("layernorm.weight"):
-            values = 1.0 + 0.1 * torch.randn(param.shape, generator=gen)
-        else:
-            values = 0.02 * torch.randn(param.shape, generator=gen)
-        with torch.no_grad():
-            param.copy_(values.to(param.dtype))
-
-
-def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0) -> GLMForCausalLM:
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The full (unsharded) shape of every parameter, from a model on the meta device (no memory)."""
     with torch.device("meta"):
-        model = GLMForCausalLM(source.config)
+        return {name: tuple(p.shape) for name, p in GLMForCausalLM(config).named_parameters()}
+
+
+def init_dummy_weights(model: GLMForCausalLM, seed: int) -> None:
+    """Seeded random weights (like vLLM's dummy format): the same values on every device.
+
+    Each full tensor is drawn in name order and the model keeps its shard of it, so a tensor-parallel rank holds
+    exactly the slice of what one process would hold (one full tensor at a time is in memory).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    for name, shape in sorted(parameter_shapes(model.shard.config).items()):
+        if name.endswith("layernorm.weight"):
+            values = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            values = 0.02 * torch.randn(shape, generator=gen)
+        with torch.no_grad():
+            params[name].copy_(take_slice(values, model.shard.tensor_slice(name)).to(params[name].dtype))
+
+
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               shard: ShardLayout | None = None, group: TensorParallelGroup | None = None) -> GLMForCausalLM:
+    """The model (or, with ``shard`` and ``group``, one tensor-parallel rank's share of it) with its weights.
+    Only the rank's share is ever allocated."""
+    with torch.device("meta"):
+        model = GLMForCausalLM(source.config, shard, group)
     model.to_empty(device=device)
     model.to(dtype)
     if source.load_format == "dummy":
@@ -85,36 +104,47 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
 
 
 def load_checkpoint_weights(model: GLMForCausalLM, checkpoint_dir: Path, load_format: str) -> None:
-    bits = model.config.quantization_bit
+    """Copy each checkpoint tensor (or the model's shard of it) into the model, one shard file at a time."""
+    layout = model.shard
+    bits = layout.config.quantization_bit
     params = dict(model.named_parameters())
+    shapes = parameter_shapes(layout.config)
     loaded: set[str] = set()
     pending: dict[str, dict[str, torch.Tensor]] = {}   # quantized linears waiting for their data or scale
     files = find_weight_files(checkpoint_dir, load_format)
     show = sys.stderr.isatty() and not os.environ.get("GLMSERVE_NO_PROGRESS")
     for path in tqdm(files.paths, desc="loading shards", unit="shard", disable=not show):
-        for name, tensor in iter_shard_tensors(path, files.format):
-            if name.endswith(IGNORED_TENSOR_SUFFIXES):
-                continue
-            base = name.removesuffix(".weight").removesuffix(".weight_scale")
-            if bits and base.endswith(QUANTIZED_LINEARS) and base + ".weight" in params:
-                parts = pending.setdefault(base, {})
-                parts["scale" if name.endswith("weight_scale") else "data"] = tensor
-                if len(parts) == 2:
-                    _copy_quantized(params, base, parts, bits, path)
-                    loaded.add(base + ".weight")
-                    del pending[base]
-                continue
-            if name not in params:
-                raise CheckpointError(f"unexpected tensor {name!r} in {path}")
-            param = params[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}, "
-                                      f"expected {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensor.to(param.dtype))
-            loaded.add(name)
+        with ShardFile(path, files.format) as shard:
+            for name in shard.names():
+                if name.endswith(IGNORED_TENSOR_SUFFIXES):
+                    continue
+                base = name.removesuffix(".weight").removesuffix(".weight_scale")
+                if bits and base.endswith(QUANTIZED_LINEARS) and base + ".weight" in params:
+                    parts = pending.setdefault(base, {})
+                    full_shape = shapes[base + ".weight"]
+                    piece = layout.tensor_slice(base + ".weight")
+                    if name.endswith("weight_scale"):
+                        parts["scale"] = _read_scale(shard, name, full_shape, piece)
+                    else:
+                        parts["values"] = _read_quantized_values(shard, name, full_shape, piece, bits)
+                    if len(parts) == 2:
+                        with torch.no_grad():
+                            param = params[base + ".weight"]
+                            param.copy_(scale_rows(parts["values"], parts["scale"], param.dtype))
+                        loaded.add(base + ".weight")
+                        del pending[base]
+                    continue
+                if name not in params:
+                    raise CheckpointError(f"unexpected tensor {name!r} in {path}")
+                if shard.shape(name) != shapes[name]:
+                    raise CheckpointError(f"tensor {name!r} in {path} has shape {shard.shape(name)}, "
+                                          f"expected {shapes[name]}")
+                param = params[name]
+                with torch.no_grad():
+                    param.copy_(shard.read(name, layout.tensor_slice(name)).to(param.dtype))
+                loaded.add(name)
     for base, parts in pending.items():
-        missing = "weight_scale" if "data" in parts else "weight"
+        missing = "weight_scale" if "values" in parts else "weight"
         raise CheckpointError(f"quantized tensor {base}.{missing} is missing from {checkpoint_dir}")
     missing = sorted(set(params) - loaded)
     if missing:
@@ -122,16 +152,28 @@ def load_checkpoint_weights(model: GLMForCausalLM, checkpoint_dir: Path, load_fo
         raise CheckpointError(f"tensor {missing[0]!r} is missing from the checkpoint in {checkpoint_dir}{more}")
 
 
-def _copy_quantized(params: dict[str, torch.nn.Parameter], base: str, parts: dict[str, torch.Tensor], bits: int,
-                    path: Path) -> None:
-    param = params[base + ".weight"]
-    data, scale = parts["data"], parts["scale"]
-    expected = quantized_storage_shape(param.shape, bits)
-    if tuple(data.shape) != expected:
-        raise CheckpointError(f"quantized tensor {base}.weight in {path} has shape {tuple(data.shape)}, "
+def _read_quantized_values(shard: ShardFile, name: str, full_shape: tuple[int, ...], piece: TensorSlice | None,
+                           bits: int) -> torch.Tensor:
+    """The int8 values [rows, cols] of the model's share of a quantized weight (int4 unpacked)."""
+    expected = quantized_storage_shape(full_shape, bits)
+    if shard.shape(name) != expected:
+        raise CheckpointError(f"quantized tensor {name} in {shard.path} has shape {shard.shape(name)}, "
                               f"expected {expected} for {bits}-bit weights")
-    if tuple(scale.shape) != (param.shape[0],):
-        raise CheckpointError(f"tensor {base}.weight_scale in {path} has shape {tuple(scale.shape)}, "
-                              f"expected {(param.shape[0],)}")
-    with torch.no_grad():
-        param.copy_(dequantize(data, scale, bits, param.dtype))
+    if bits == 8:
+        return shard.read(name, piece).to(torch.int8)
+    if piece is None or piece.dim == 0:
+        return unpack_int4(shard.read(name, piece))
+    # A column range of int4 data: read the bytes that hold it, unpack, and drop the half byte at either end.
+    parts = []
+    for start, stop in piece.ranges:
+        packed = shard.read(name, TensorSlice(1, ((start // 2, (stop + 1) // 2),)))
+        parts.append(unpack_int4(packed)[:, start % 2:start % 2 + stop - start])
+    return torch.cat(parts, dim=1)
+
+
+def _read_scale(shard: ShardFile, name: str, full_shape: tuple[int, ...], piece: TensorSlice | None) -> torch.Tensor:
+    """The per-output-row scale of the rows the model holds (all rows for a column-split weight)."""
+    if shard.shape(name) != (full_shape[0],):
+        raise CheckpointError(f"tensor {name} in {shard.path} has shape {shard.shape(name)}, "
+                              f"expected {(full_shape[0],)}")
+    return shard.read(name, piece if piece is not None and piece.dim == 0 else None)

@@ -94,7 +94,8 @@ class ServerMetrics:
         self.kv_usage.set(stats["kv_cache_usage"])
         for name, counter in (("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
                               ("prefix_cache_hits", self.prefix_hits)):
-            counter.inc(stats[name] - self._totals[name])
+            # Never negative: a listener that raised would stop the engine thread.
+            counter.inc(max(0, stats[name] - self._totals[name]))
             self._totals[name] = stats[name]
         if engine.last_step_num_tokens:
             self.step_tokens.observe(engine.last_step_num_tokens)

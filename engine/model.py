@@ -130,7 +130,10 @@ class Embedding(nn.Module):
         super().__init__()
         self.group = group
         self.vocab_start = vocab_start
-        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        # Left uninitialised (the loader fills it): nn.Embedding's own normal_ init imports torch._dynamo on the
+        # meta device, seconds of start-up for every process.
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size,
+                                            _weight=torch.empty(config.padded_vocab_size, config.hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> [T, hidden]."""

@@ -6,7 +6,8 @@ Prints machine-readable lifecycle lines on stdout (tests and scripts wait for th
     glmserve: ready                                    (health SERVING)
     glmserve: drained N in-flight requests, exiting    (after SIGTERM/SIGINT; exit code 0)
 
-A second SIGTERM/SIGINT during a drain stops at once, cancelling what is still running.
+If the drain timeout passes first, the requests still running are cancelled (and aborted), and the exit code is 0
+all the same: the process did what a SIGTERM asks.
 grpc is imported only when the command runs, so the CLI and the engine stay importable without it.
 """
 from __future__ import annotations
@@ -73,20 +74,21 @@ async def serve(config, options) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, stop, server)
+        loop.add_signal_handler(sig, stop.set)   # repeated signals change nothing: --drain-timeout bounds the wait
     try:
         await server.start()
         metrics = "off" if server.metrics_port is None else str(server.metrics_port)
         print(f"glmserve: serving on {options.host}:{server.port} metrics on {metrics}", flush=True)
         load = asyncio.ensure_future(server.load(lambda: build_engine(config)))
-        await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        signalled = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([load, signalled], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():   # a signal during start-up: the loading thread cannot be interrupted; just leave
             load.cancel()
             print("glmserve: stopped while loading, exiting", flush=True)
             return 0
         load.result()   # raises what the load raised
         print("glmserve: ready", flush=True)
-        await stop.wait()
+        await signalled
         in_flight, finished = await server.drain()
         if finished:
             print(f"glmserve: drained {in_flight} in-flight requests, exiting", flush=True)
@@ -96,10 +98,3 @@ async def serve(config, options) -> int:
         return 0
     finally:
         await server.stop()
-
-
-def _on_signal(stop: asyncio.Event, server) -> None:
-    if not stop.is_set():
-        stop.set()
-    else:   # a second signal: do not wait for the drain
-        asyncio.get_running_loop().create_task(server.stop())

@@ -88,6 +88,7 @@ class GenerationServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._dead_reported: asyncio.Task | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -103,14 +104,17 @@ class GenerationServer:
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         await self._set_health(NOT_SERVING)
         address = _address(opts.host, opts.port)
-        if opts.tls_cert:
-            credentials = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(),
-                                                        Path(opts.tls_cert).read_bytes())])
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if opts.tls_cert:
+                credentials = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(),
+                                                            Path(opts.tls_cert).read_bytes())])
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:   # grpc says only that binding failed
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address}: the address is in use or not available here")
         await server.start()
         self._server = server
         if opts.metrics_port is not None:
@@ -140,7 +144,7 @@ class GenerationServer:
         return in_flight, finished
 
     async def stop(self) -> None:
-        """Stop at once: calls still running are cancelled (which aborts their requests)."""
+        """Stop serving: calls still running get STOP_GRACE_SECONDS, then are cancelled (aborting their requests)."""
         if self._server is not None:
             await self._server.stop(STOP_GRACE_SECONDS)
             self._server = None
@@ -154,5 +158,6 @@ class GenerationServer:
             await self.health.set(service, status)
 
     def _engine_died(self) -> None:
-        log.error("the engine cannot recover from a failed step; reporting NOT_SERVING")
-        asyncio.get_running_loop().create_task(self._set_health(NOT_SERVING))
+        if self._dead_reported is None:
+            log.error("the engine cannot recover from a failed step; reporting NOT_SERVING")
+            self._dead_reported = asyncio.get_running_loop().create_task(self._set_health(NOT_SERVING))

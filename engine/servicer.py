@@ -166,7 +166,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await context.write(convert.response_to_proto(req.request_id, sample, ends[sample.index]))
 
 
-def _sample_end(total: RequestOutput, delta: RequestOutput, index: int, observation_id: int | None) -> convert.SampleEnd:
+def _sample_end(total: RequestOutput, delta: RequestOutput, index: int,
+                observation_id: int | None) -> convert.SampleEnd:
     """The closing fields of a finished sample; a chat reply that stopped on <|observation|> and parses as a
     tool call becomes a TOOL_CALL, one that does not parse stays a plain STOP with its text."""
     sample = total.outputs[index]

@@ -3,11 +3,14 @@ dequantisation of weight-only quantized (int8 / int4) linears."""
 from __future__ import annotations
 
 import json
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from .parallel_layout import TensorSlice
 
 
 class CheckpointError(ValueError):
@@ -59,23 +62,78 @@ def _shards_from_index(checkpoint_dir: Path, index_path: Path) -> list[Path]:
     return paths
 
 
-def iter_shard_tensors(path: Path, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one shard file. Any read failure becomes a CheckpointError naming the file."""
-    try:
-        if fmt == "safetensors":
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(state, dict):
-                raise CheckpointError(f"cannot read weights file {path}: expected a dict of tensors")
-            yield from state.items()
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any parser failure means an unreadable file
-        raise CheckpointError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
+class ShardFile:
+    """One open weight file: its tensor names and full shapes, and reads of a whole tensor or of a TensorSlice.
+
+    Sliced reads never materialise the full tensor: safetensors reads only the requested rows or columns
+    (``get_slice``); a .bin file is memory-mapped, so only the pages of the slice are touched. Any read failure
+    becomes a CheckpointError naming the file.
+    """
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.format = path, fmt
+        self._safetensors = None
+        self._state: dict[str, torch.Tensor] = {}
+        with self._errors():
+            if fmt == "safetensors":
+                from safetensors import safe_open
+                self._safetensors = safe_open(str(path), framework="pt", device="cpu")
+            else:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(state, dict):
+                    raise CheckpointError(f"cannot read weights file {path}: expected a dict of tensors")
+                self._state = state
+
+    def names(self) -> list[str]:
+        return list(self._safetensors.keys()) if self._safetensors is not None else list(self._state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with self._errors():
+            if self._safetensors is not None:
+                return tuple(self._safetensors.get_slice(name).get_shape())
+            return tuple(self._state[name].shape)
+
+    def read(self, name: str, piece: TensorSlice | None = None) -> torch.Tensor:
+        """The whole tensor, or the ranges of ``piece`` concatenated along its dim."""
+        with self._errors():
+            if piece is None:
+                if self._safetensors is not None:
+                    return self._safetensors.get_tensor(name)
+                return self._state[name]
+            if self._safetensors is not None:
+                source = self._safetensors.get_slice(name)
+                lead = (slice(None),) * piece.dim
+                parts = [source[lead + (slice(start, stop),)] for start, stop in piece.ranges]
+            else:
+                tensor = self._state[name]
+                parts = [tensor.narrow(piece.dim, start, stop - start) for start, stop in piece.ranges]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)
+
+    def close(self) -> None:
+        self._safetensors, self._state = None, {}    # safe_open handles close when dropped
+
+    def __enter__(self) -> "ShardFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any parser failure means an unreadable file
+            raise CheckpointError(f"cannot read weights file {self.path}: {type(exc).__name__}: {exc}") from None
+
+
+def take_slice(tensor: torch.Tensor, piece: TensorSlice | None) -> torch.Tensor:
+    """The ranges of ``piece`` of an in-memory tensor, concatenated (the tensor itself for None)."""
+    if piece is None:
+        return tensor
+    parts = [tensor.narrow(piece.dim, start, stop - start) for start, stop in piece.ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)
 
 
 def quantized_storage_shape(shape: torch.Size, bits: int) -> tuple[int, ...]:
@@ -84,14 +142,22 @@ def quantized_storage_shape(shape: torch.Size, bits: int) -> tuple[int, ...]:
     return (out_features, in_features // 2) if bits == 4 else (out_features, in_features)
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in/2] bytes -> [out, in] int8 values in -8..7; two values a byte, high nibble first."""
+    data = packed.to(torch.int8)
+    high = data >> 4                       # arithmetic shift sign-extends the high nibble
+    low = (data << 4) >> 4                 # shift the low nibble up, then back down to sign-extend it
+    return torch.stack((high, low), dim=-1).flatten(-2)
+
+
+def scale_rows(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Symmetric per-row dequantisation of unpacked int8 values [out, in] with scale [out]."""
+    return (values.float() * scale.float()[:, None]).to(dtype)
+
+
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Symmetric per-row dequantisation. int4 packs two values a byte, high nibble first."""
-    data = weight.to(torch.int8)
-    if bits == 4:
-        high = data >> 4                       # arithmetic shift sign-extends the high nibble
-        low = (data << 4) >> 4                 # shift the low nibble up, then back down to sign-extend it
-        data = torch.stack((high, low), dim=-1).flatten(-2)
-    return (data.float() * scale.float()[:, None]).to(dtype)
+    return scale_rows(unpack_int4(weight) if bits == 4 else weight.to(torch.int8), scale, dtype)
 
 
 def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class GenerationStub:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation and chat with a ChatGLM3 model, plus what a client or router needs around them.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,7 +68,8 @@ class GenerationStub:
 
 
 class GenerationServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation and chat with a ChatGLM3 model, plus what a client or router needs around them.
+    """
 
     def Generate(self, request, context):
         """Complete a prompt. With `stream` set, each message carries the new text and tokens of one sample since the
@@ -155,7 +157,8 @@ def add_GenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generation:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation and chat with a ChatGLM3 model, plus what a client or router needs around them.
+    """
 
     @staticmethod
     def Generate(request,

@@ -6,7 +6,6 @@ SIGTERM/drain and start-up tests start ``glmserve serve --port 0`` as a real pro
 """
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from glmserve.engine.client import GenerationClient
 from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.engine import Engine
-from glmserve.engine.server import GenerationServer, ServerOptions
+from glmserve.engine.server import ServerOptions
+from glmserve.engine.server_thread import ServerThread
 
 MODEL = "glm-tiny"
 SEED = 0
@@ -36,33 +36,17 @@ def tiny_engine_config(**scheduler) -> EngineConfig:
                         scheduler=SchedulerConfig(**{"max_num_seqs": 64, **scheduler}))
 
 
-class InProcessServer:
-    """A GenerationServer serving on a background event-loop thread."""
+class InProcessServer(ServerThread):
+    """A server on a background event-loop thread, with the tiny model by default and test conveniences."""
 
     def __init__(self, options: ServerOptions | None = None, make_engine: Callable[[], Engine] | None = None,
                  wait_loaded: bool = True):
-        self.options = options or ServerOptions(port=0, metrics_port=0)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-server", daemon=True)
-        self._thread.start()
-        self.server = GenerationServer(self.options)
-        self.run(self.server.start())
-        self.loaded = asyncio.run_coroutine_threadsafe(
-            self.server.load(make_engine or (lambda: Engine(tiny_engine_config()))), self.loop)
-        if wait_loaded:
-            self.loaded.result(timeout=120)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+        super().__init__(options or ServerOptions(port=0, metrics_port=0),
+                         make_engine or (lambda: Engine(tiny_engine_config())), wait_loaded)
 
     @property
     def engine(self) -> Engine:
         return self.server.async_engine.engine
-
-    def run(self, coro, timeout: float = 60):
-        """Run a coroutine on the server's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def client(self, **kwargs) -> GenerationClient:
         return GenerationClient(self.target, **kwargs)
@@ -70,12 +54,6 @@ class InProcessServer:
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=10) as r:
             return r.read().decode()
-
-    def close(self) -> None:
-        if self.loop.is_running():
-            self.run(self.server.stop())
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
 
 
 _shared: InProcessServer | None = None
@@ -96,25 +74,14 @@ def session_server() -> InProcessServer:
 @pytest.fixture
 def shared_server(session_server) -> InProcessServer:
     yield session_server
-    wait_idle(session_server.client())   # no test leaves work behind for the next one
+    with session_server.client() as c:
+        wait_idle(c)   # no test leaves work behind for the next one
 
 
 @pytest.fixture
 def client(shared_server):
     with shared_server.client() as c:
         yield c
-
-
-def wait_idle(client: GenerationClient, timeout: float = 20.0):
-    """Poll GetLoad until nothing runs or waits and every KV block is free; returns the last Load."""
-    deadline = time.monotonic() + timeout
-    while True:
-        load = client.load()
-        if load.num_running == 0 and load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks:
-            return load
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the server did not go idle within {timeout}s: {load}")
-        time.sleep(0.02)
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -126,6 +93,14 @@ def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         time.sleep(0.01)
 
 
+def wait_idle(client: GenerationClient, timeout: float = 20.0) -> None:
+    """Wait until nothing runs or waits and every KV block is free (as GetLoad reports it)."""
+    def idle() -> bool:
+        load = client.load()
+        return load.num_running == load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks
+    eventually(idle, timeout, "the server going idle")
+
+
 def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of a /metrics page."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -135,7 +110,8 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
 # ---- scripted replies: make the dummy model "say" a chosen token sequence ----------------------------------------
 @contextmanager
 def scripted_replies(engine: Engine, scripts: dict[str, list[int]]):
-    """While active, a request whose id is in ``scripts`` samples exactly those tokens, in order.
+    """While active, a request whose id is in ``scripts`` (or any request, for the key ``"*"``) samples exactly
+    those tokens, in order.
 
     Dummy weights never write a tool call by themselves; this replaces the sampled ids after the real forward pass
     (so the whole engine path still runs) with the script, position by position.
@@ -146,7 +122,7 @@ def scripted_replies(engine: Engine, scripts: dict[str, list[int]]):
     def execute(batch, block_tables):
         result = original(batch, block_tables)
         for i, request in enumerate(batch.requests):
-            script = scripts.get(request.request_id)
+            script = scripts.get(request.request_id, scripts.get("*"))
             if script is not None and result.token_ids[i] is not None:
                 result.token_ids[i] = script[min(request.num_output_tokens, len(script) - 1)]
         return result

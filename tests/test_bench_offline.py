@@ -25,7 +25,7 @@ def test_offline_benchmark_tiny(tmp_path, capsys):
                "--max-num-seqs", "2", "--hf-single-requests", "2", "--threads", "1", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text(encoding="utf-8"))
-    assert {"workload", "machine", "glmserve", "overhead", "hf_static", "hf_single", "agreement",
+    assert {"settings", "machine", "glmserve", "overhead", "hf_static", "hf_single", "agreement",
             "ratios"} <= result.keys()
     assert result["machine"]["torch_threads"] == 1
     assert result["glmserve"]["num_requests"] == result["hf_static"]["num_requests"] == 5

@@ -1,0 +1,33 @@
+"""What one rank holds in memory: its parameters, its KV cache and the process's resident set."""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    rank: int
+    parameter_bytes: int    # the rank's weights (its share; norms and replicated KV groups in full)
+    kv_cache_bytes: int     # K and V of all layers
+    rss_bytes: int          # resident set of the rank's process (torch itself included)
+
+
+def measure_rank_memory(rank: int, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+                        ) -> RankMemory:
+    return RankMemory(rank=rank,
+                      parameter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                      kv_cache_bytes=sum(t.numel() * t.element_size() for pair in kv_caches for t in pair),
+                      rss_bytes=resident_bytes())
+
+
+def resident_bytes() -> int:
+    """The process's current resident set (Linux); the peak where /proc is missing."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,166 @@
+"""Rank 0's handle on the worker ranks 1..N-1: start them, talk to them, watch them, stop them.
+
+Workers are spawned processes (torch.multiprocessing, start method ``spawn``). A watchdog thread waits on their
+process sentinels: a worker that dies turns into a ``TensorParallelError`` on rank 0 at the next step, or at once
+when rank 0 is blocked in a collective with it (gloo reports the closed connection; collectives also time out).
+Workers follow rank 0 out: on ``Shutdown``, or when their command pipe closes because rank 0 exited or died.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from multiprocessing.connection import Connection, wait
+
+import torch
+import torch.multiprocessing
+
+from .config import EngineConfig
+from .parallel_group import Rendezvous, TensorParallelGroup, backend_for, create_store
+from .parallel_protocol import Command, Reply, Shutdown, WorkerFailed, WorkerJoining, WorkerReady, WorkerSpec
+from .parallel_worker import worker_main
+
+log = logging.getLogger(__name__)
+
+# How long the pool waits for a worker that is still running (loading a shard, a collective) before failing.
+SHUTDOWN_GRACE_S = 10.0
+# A collective that fails because a worker died can be noticed before the watchdog sees the exit.
+DEATH_NOTICE_S = 2.0
+
+
+def cpu_threads_per_rank(world_size: int) -> int:
+    """torch intra-op threads for each rank: the ranks share the host's cores, and an oversubscribed rank stalls
+    every collective it takes part in."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+class TensorParallelError(RuntimeError):
+    """A worker rank failed or died: the tensor-parallel engine cannot serve any more."""
+
+
+class WorkerPool:
+    def __init__(self, config: EngineConfig, timeout_s: float):
+        world_size = config.tensor_parallel_size
+        self._store = create_store(world_size, timeout_s)
+        self.rendezvous = Rendezvous(self._store.port, world_size, backend_for(torch.device(config.device)),
+                                     timeout_s)
+        self.group: TensorParallelGroup | None = None
+        self._failure: TensorParallelError | None = None
+        self._closing = False
+        self._send_lock = threading.Lock()
+        ctx = torch.multiprocessing.get_context("spawn")
+        threads = cpu_threads_per_rank(world_size)
+        self._conns: list[Connection] = []
+        self._procs = []
+        for rank in range(1, world_size):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            spec = WorkerSpec(rank, self.rendezvous, config, threads)
+            proc = ctx.Process(target=worker_main, args=(spec, child_end), name=f"glmserve-tp-rank{rank}", daemon=True)
+            proc.start()
+            child_end.close()    # the worker holds the only other end: it reads EOF when this process goes away
+            self._conns.append(parent_end)
+            self._procs.append(proc)
+        threading.Thread(target=self._watch, name="glmserve-tp-watchdog", daemon=True).start()
+
+    # ---- start-up ----------------------------------------------------------------------------------------------
+    def join_group(self) -> TensorParallelGroup:
+        """Join the process group as rank 0 once every worker is about to (so a worker that dies while starting
+        fails the start-up instead of leaving rank 0 waiting in the rendezvous)."""
+        self.expect(WorkerJoining)
+        self.group = TensorParallelGroup.join(self.rendezvous, 0, self._store)
+        return self.group
+
+    # ---- messages ----------------------------------------------------------------------------------------------
+    def send(self, command: Command) -> None:
+        self.check()
+        with self._send_lock:
+            for rank, conn in enumerate(self._conns, start=1):
+                try:
+                    conn.send(command)
+                except OSError:
+                    raise self._worker_died(rank) from None
+
+    def expect(self, reply_type: type) -> list[Reply]:
+        """One reply of ``reply_type`` from every worker, in rank order; a failure report or a death raises."""
+        replies = []
+        for rank, (conn, proc) in enumerate(zip(self._conns, self._procs), start=1):
+            ready = wait([conn, proc.sentinel], timeout=self.rendezvous.timeout_s)
+            if not ready:
+                raise self._fail(TensorParallelError(
+                    f"tensor-parallel rank {rank} did not answer within {self.rendezvous.timeout_s:g}s"))
+            try:
+                reply = conn.recv() if conn in ready else None
+            except EOFError:
+                reply = None
+            if reply is None:
+                raise self._worker_died(rank)
+            if isinstance(reply, WorkerFailed):
+                raise self._fail(TensorParallelError(f"tensor-parallel rank {rank} failed:\n{reply.error}"))
+            if not isinstance(reply, reply_type):
+                raise self._fail(TensorParallelError(f"tensor-parallel rank {rank} answered {reply!r}, "
+                                                     f"expected {reply_type.__name__}"))
+            replies.append(reply)
+        return replies
+
+    def request(self, command: Command, reply_type: type = WorkerReady) -> list[Reply]:
+        self.send(command)
+        return self.expect(reply_type)
+
+    # ---- failures ----------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise the recorded failure, if any: once a rank is lost, every later step fails the same way."""
+        if self._failure is not None:
+            raise self._failure
+
+    def failure_for(self, exc: BaseException) -> TensorParallelError:
+        """The error to raise for a failed collective: the dead worker's, when one died (a collective can fail
+        just before the watchdog sees the exit), otherwise the collective's own."""
+        if isinstance(exc, TensorParallelError):
+            return exc
+        deadline = time.monotonic() + DEATH_NOTICE_S
+        while self._failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._fail(TensorParallelError(f"a tensor-parallel collective failed: {exc}"))
+
+    def _fail(self, error: TensorParallelError) -> TensorParallelError:
+        if self._failure is None:
+            self._failure = error
+        return self._failure
+
+    def _worker_died(self, rank: int) -> TensorParallelError:
+        proc = self._procs[rank - 1]
+        proc.join(DEATH_NOTICE_S)
+        return self._fail(TensorParallelError(
+            f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}"))
+
+    def _watch(self) -> None:
+        ready = wait([proc.sentinel for proc in self._procs])
+        if self._closing:
+            return
+        rank = next(r for r, proc in enumerate(self._procs, start=1) if proc.sentinel in ready)
+        error = self._worker_died(rank)
+        log.error("%s; the engine cannot serve any more", error)
+
+    # ---- shutdown ----------------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop every worker (asked first, killed after a grace period) and leave the group. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        with self._send_lock:
+            for conn in self._conns:
+                try:
+                    conn.send(Shutdown())
+                except OSError:
+                    pass
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        if self.group is not None:
+            self.group.leave()

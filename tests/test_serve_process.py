@@ -1,0 +1,97 @@
+"""``glmserve serve`` as a real process: start-up lines and health, SIGTERM drains in-flight requests and exits 0,
+a drain that times out still exits 0; bad flags exit 2 with one line."""
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import urllib.request
+
+import grpc
+import pytest
+
+from glmserve.engine.cli import main as cli_main
+from glmserve.engine.client import GenerationClient, collect
+
+from .server_fixtures import ServeProcess, eventually, parse_metrics
+
+SERVICE = "glmserve.v1.Generation"
+
+
+@pytest.fixture
+def serve_process():
+    processes = []
+
+    def start(*args):
+        processes.append(ServeProcess(*args))
+        return processes[-1]
+    yield start
+    for p in processes:
+        p.close()
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(serve_process):
+    proc = serve_process("--drain-timeout", "60")
+    with GenerationClient(proc.target) as c:
+        seen = c.health()
+        assert seen in ("NOT_SERVING", "SERVING")   # health answers from the moment the port is bound
+        proc.wait_for_line("glmserve: ready")
+        assert c.health() == "SERVING" and c.health(SERVICE) == "SERVING"
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10) as r:
+            assert ("glmserve_num_requests_waiting", ()) in parse_metrics(r.read().decode())
+
+        streams = [c.generate(f"request {i}", max_tokens=400, ignore_eos=True, temperature=0.0) for i in range(3)]
+        firsts = [next(s) for s in streams]
+        results: list = [None] * 3
+
+        def finish(i):
+            results[i] = collect([firsts[i], *streams[i]])[0]
+        readers = [threading.Thread(target=finish, args=(i,)) for i in range(3)]
+        for t in readers:
+            t.start()
+        proc.proc.send_signal(signal.SIGTERM)
+        eventually(lambda: c.health() == "NOT_SERVING", what="health NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.generate("late", max_tokens=2))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        for t in readers:
+            t.join(60)
+    assert [(r.finish_reason, len(r.token_ids)) for r in results] == [("length", 400)] * 3
+    assert proc.proc.wait(30) == 0
+    assert "glmserve: drained 3 in-flight requests, exiting" in proc.lines
+
+
+def test_drain_timeout_cancels_what_is_left_and_exits_0(serve_process):
+    proc = serve_process("--drain-timeout", "0.3", "--metrics-port", "-1")
+    assert proc.metrics_port is None
+    with GenerationClient(proc.target) as c:
+        c.wait_ready(timeout=60)
+        stream = c.generate("forever", max_tokens=3000, ignore_eos=True)
+        next(stream)
+        proc.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert proc.proc.wait(30) == 0
+    assert any(line.startswith("glmserve: drain timed out") for line in proc.lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "neither a checkpoint directory nor a preset"),
+    (["--model", "glm-tiny", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "TLS file"),
+    (["--model", "glm-tiny", "--drain-timeout", "-1"], "--drain-timeout"),
+])
+def test_bad_flags_exit_2_with_one_line(capsys, args, message):
+    assert cli_main(["serve", "--port", "0", "--metrics-port", "-1", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_port_in_use_exits_1(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli_main(["serve", "--model", "glm-tiny", "--host", "127.0.0.1", "--port", str(port),
+                         "--metrics-port", "-1"]) == 1
+    assert "cannot listen on" in capsys.readouterr().err
