@@ -3,7 +3,7 @@
 Engine-side values come from an AsyncEngine step listener, called on the engine thread after every step with the
 engine lock held: it reads counters the engine keeps anyway and observes finished samples, so a step costs a
 handful of gauge sets and one histogram observation per new token. gRPC calls are counted by the servicer.
-The names and their vLLM equivalents are listed in docs/metrics.md.
+The names and their vLLM equivalents are listed in the README (section Metrics).
 """
 from __future__ import annotations
 

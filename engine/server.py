@@ -47,6 +47,9 @@ class ServerOptions:
     tls_key: str | None = None
     max_message_bytes: int = 16 * 1024 * 1024
     keepalive_time_s: float = 60.0       # ping idle connections this often, to notice vanished clients
+    # Recycle connections this often (GOAWAY), so clients balancing round-robin over a headless Service's pod
+    # list re-resolve it and reach replicas added by the autoscaler; in-flight streams get the drain timeout.
+    max_connection_age_s: float = 300.0
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -71,6 +74,8 @@ class ServerOptions:
             ("grpc.http2.max_pings_without_data", 0),
             # Without this a second server on the same port would bind quietly and share the traffic.
             ("grpc.so_reuseport", 0),
+            ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max(self.drain_timeout, 1.0) * 1000)),
         ]
 
 

@@ -11,7 +11,7 @@ from glmserve.engine.metrics import ServerMetrics
 
 from .server_fixtures import client, parse_metrics, session_server, shared_server  # noqa: F401 (fixtures)
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+DOCS = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def delta(after: dict, before: dict, name: str, **labels) -> float:
@@ -70,4 +70,4 @@ def test_every_metric_is_documented():
     documented = DOCS.read_text()
     for family in ServerMetrics().registry.collect():
         name = family.name + suffix.get(family.type, "")
-        assert re.search(rf"`{name}[`{{]", documented), f"{name} is missing from docs/metrics.md"
+        assert re.search(rf"`{name}[`{{]", documented), f"{name} is missing from the README"
