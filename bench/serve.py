@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:4000; a request counts when it meets all")
     g.add_argument("--chaos", type=float, default=0.0, metavar="FRACTION",
                    help="this fraction of requests cancel mid-stream, miss tight deadlines, send invalid "
-                        "parameters or over-long prompts; exit 1 unless the server is healthy and idle after")
+                        "parameters or over-long prompts; exit 1 unless the server is healthy and idle after "
+                        "and every other request completed")
     g.add_argument("--settle", type=float, default=10.0,
                    help="seconds the server gets to go idle after a chaos run (default: %(default)s)")
     g = parser.add_argument_group("output")

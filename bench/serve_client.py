@@ -32,7 +32,6 @@ class RequestRecord:
     code: str = OK                    # gRPC status code name; CANCELLED when we cancelled it ourselves
     error: str = ""
     prompt_len: int = 0               # as the server counted it (usage), else as planned
-    expected_output_len: int = 0
     reply: str = ""                   # the streamed text (a multiturn session's next history entry)
 
     @property
@@ -63,17 +62,14 @@ async def send(client: AsyncGenerationClient, request_id: str, prompt: BenchProm
     sampling = sampling_for(prompt, temperature, chaos)
     timeout = chaos.timeout_s if chaos is not None else None
     start = time.perf_counter()   # the call starts as soon as generate()/chat() is called
-    if chaos is not None and chaos.prompt_token_ids is not None:
-        stream = client.generate(prompt_token_ids=list(chaos.prompt_token_ids), request_id=request_id,
-                                 timeout=timeout, **sampling)
-    elif prompt.prompt_token_ids is not None:
-        stream = client.generate(prompt_token_ids=list(prompt.prompt_token_ids), request_id=request_id,
-                                 timeout=timeout, **sampling)
+    token_ids = chaos.prompt_token_ids if chaos is not None and chaos.prompt_token_ids else prompt.prompt_token_ids
+    if token_ids is not None:
+        stream = client.generate(prompt_token_ids=list(token_ids), request_id=request_id, timeout=timeout,
+                                 **sampling)
     else:
         messages = history + [{"role": role, "content": content} for role, content in prompt.messages]
         stream = client.chat(messages, request_id=request_id, timeout=timeout, **sampling)
-    record = RequestRecord(request_id, chaos.kind if chaos else None, start,
-                           prompt_len=prompt.prompt_len or 0, expected_output_len=sampling["max_tokens"])
+    record = RequestRecord(request_id, chaos.kind if chaos else None, start, prompt_len=prompt.prompt_len or 0)
     cancel_after = chaos.cancel_after if chaos is not None and chaos.kind == "cancel" else None
     text = []
     try:

@@ -47,9 +47,6 @@ class TensorParallelGroup:
     @classmethod
     def join(cls, rendezvous: Rendezvous, rank: int, store: dist.Store | None = None) -> "TensorParallelGroup":
         """Blocks until every rank has joined. Rank 0 passes the store it created; workers connect to it."""
-        if dist.is_initialized():
-            raise RuntimeError("this process already belongs to a process group: one tensor-parallel engine "
-                               "per process (shut the other one down first)")
         if store is None:
             store = dist.TCPStore(LOOPBACK, rendezvous.port, rendezvous.world_size, is_master=False,
                                   timeout=rendezvous.timeout)

@@ -14,6 +14,7 @@ import time
 from multiprocessing.connection import Connection, wait
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing
 
 from .config import EngineConfig
@@ -41,6 +42,9 @@ class TensorParallelError(RuntimeError):
 
 class WorkerPool:
     def __init__(self, config: EngineConfig, timeout_s: float):
+        if dist.is_initialized():
+            raise RuntimeError("this process already belongs to a process group: one tensor-parallel engine per "
+                               "process (shut the other one down first)")
         world_size = config.tensor_parallel_size
         self._store = create_store(world_size, timeout_s)
         self.rendezvous = Rendezvous(self._store.port, world_size, backend_for(torch.device(config.device)),
@@ -49,6 +53,7 @@ class WorkerPool:
         self._failure: TensorParallelError | None = None
         self._closing = False
         self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()     # the watchdog reads a dead worker's last words
         ctx = torch.multiprocessing.get_context("spawn")
         threads = cpu_threads_per_rank(world_size)
         self._conns: list[Connection] = []
@@ -89,14 +94,9 @@ class WorkerPool:
             if not ready:
                 raise self._fail(TensorParallelError(
                     f"tensor-parallel rank {rank} did not answer within {self.rendezvous.timeout_s:g}s"))
-            try:
-                reply = conn.recv() if conn in ready else None
-            except EOFError:
-                reply = None
-            if reply is None:
-                raise self._worker_died(rank)
-            if isinstance(reply, WorkerFailed):
-                raise self._fail(TensorParallelError(f"tensor-parallel rank {rank} failed:\n{reply.error}"))
+            reply = self._receive(conn) if conn in ready else None
+            if reply is None or isinstance(reply, WorkerFailed):
+                raise self._worker_died(rank, reply)
             if not isinstance(reply, reply_type):
                 raise self._fail(TensorParallelError(f"tensor-parallel rank {rank} answered {reply!r}, "
                                                      f"expected {reply_type.__name__}"))
@@ -128,11 +128,25 @@ class WorkerPool:
             self._failure = error
         return self._failure
 
-    def _worker_died(self, rank: int) -> TensorParallelError:
-        proc = self._procs[rank - 1]
+    def _receive(self, conn: Connection) -> Reply | None:
+        """The next reply, or None when the worker's end is closed."""
+        with self._recv_lock:
+            try:
+                return conn.recv()
+            except (EOFError, OSError):
+                return None
+
+    def _worker_died(self, rank: int, last_words: WorkerFailed | None = None) -> TensorParallelError:
+        """The error for a worker that is gone, with the traceback it reported if it had time to."""
+        conn, proc = self._conns[rank - 1], self._procs[rank - 1]
+        if last_words is None and conn.poll():
+            reply = self._receive(conn)
+            last_words = reply if isinstance(reply, WorkerFailed) else None
         proc.join(DEATH_NOTICE_S)
-        return self._fail(TensorParallelError(
-            f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}"))
+        message = f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}"
+        if last_words is not None:
+            message = f"tensor-parallel rank {rank} failed:\n{last_words.error}"
+        return self._fail(TensorParallelError(message))
 
     def _watch(self) -> None:
         ready = wait([proc.sentinel for proc in self._procs])

@@ -74,7 +74,8 @@ def test_64_concurrent_streams(shared_server, offline):
         (sample,) = collect(chunks)
         assert sample.token_ids == want.outputs[0].token_ids
         assert sample.text == want.outputs[0].text
-        assert len(chunks) == 6
+        # A stream whose reader falls behind gets several tokens merged into one chunk, never more chunks.
+        assert 1 <= len(chunks) <= 6 and chunks[-1].finish_reason is not None
 
 
 def test_tokenize_text_and_chat(client, offline):

@@ -17,13 +17,14 @@ import torch
 from glmserve.engine.async_engine import AsyncEngine, EngineStepError
 from glmserve.engine.checkpoint_writer import write_checkpoint
 from glmserve.engine.client import GenerationClient, collect
-from glmserve.engine.config import MODEL_PRESETS, CacheConfig, EngineConfig
+from glmserve.engine.config import MODEL_PRESETS
 from glmserve.engine.errors import EngineDeadError
-from glmserve.engine.llm import LLM, build_engine
+from glmserve.engine.llm import LLM
 from glmserve.engine.model import GLMForCausalLM
 from glmserve.engine.parallel_layout import ShardLayout
 from glmserve.engine.sampling_params import SamplingParams
-from glmserve.engine.tensor_parallel import TensorParallelEngine
+from glmserve.engine.parallel_protocol import WorkerReady
+from glmserve.engine.tensor_parallel import TensorParallelEngine, TensorParallelError
 from glmserve.engine.tokenizer import embedded_tokenizer_path
 
 from .engine_helpers import random_prompts
@@ -53,50 +54,68 @@ def _layout_parameter_bytes(rank: int, n: int) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
-@pytest.mark.parametrize("n, fmt", [(2, "safetensors"), (4, "bin")])
-def test_offline_greedy_tokens_equal_tp1_and_ranks_hold_1_nth(tiny_checkpoint, bin_checkpoint, n, fmt):
-    checkpoint = str(tiny_checkpoint if fmt == "safetensors" else bin_checkpoint)
-    expected = _greedy(LLM(checkpoint, **ENGINE_ARGS))
-    llm = LLM(checkpoint, tensor_parallel_size=n, **ENGINE_ARGS)
-    engine = llm.engine
-    try:
-        assert isinstance(engine, TensorParallelEngine)
-        assert _greedy(llm) == expected
-        memory = engine.rank_memory()
-        # Every rank's KV cache holds its share of the KV heads (one of glm-tiny's two groups here).
-        assert engine.runner.kv_caches[0][0].shape[2] == 1
-    finally:
-        engine.shutdown()
-    assert not any(p.is_alive() for p in engine.pool._procs)
+def _check_rank_memory(engine: TensorParallelEngine, n: int) -> None:
+    memory = engine.rank_memory()
     total = TINY.num_parameters() * 4
     assert [m.rank for m in memory] == list(range(n))
     for m in memory:
-        assert m.parameter_bytes == _layout_parameter_bytes(m.rank, n)
+        assert m.parameter_bytes == _layout_parameter_bytes(m.rank, n)   # the worker holds just its shard
         assert m.parameter_bytes <= total * 1.03 / n
-        assert m.kv_cache_bytes == 256 * 16 * TINY.num_layers * 2 * 1 * TINY.head_dim * 4
+        # K and V of each layer for the rank's one KV group (of glm-tiny's two), fp32
+        assert m.kv_cache_bytes == ENGINE_ARGS["num_kv_blocks"] * 16 * TINY.num_layers * 2 * TINY.head_dim * 4
 
 
-def test_a_worker_dying_mid_generation_fails_the_engine_instead_of_hanging():
-    engine = build_engine(EngineConfig(model=MODEL, seed=SEED, attention_backend="torch", tensor_parallel_size=2,
-                                       cache=CacheConfig(num_kv_blocks=256)))
-    async_engine = AsyncEngine(engine)
+class TestTwoRanks:
+    """One TP=2 engine (one process group per process: it is shut down before the TP=4 test starts)."""
 
-    async def generate_and_kill():
-        stream = await async_engine.generate("long", [5, 6, 7], SamplingParams(max_tokens=3000, ignore_eos=True))
-        await stream.__anext__()
-        os.kill(engine.pool._procs[0].pid, signal.SIGKILL)
-        with pytest.raises(EngineStepError, match=r"tensor-parallel rank 1 \(pid \d+\) died"):
-            async for _ in stream:
-                pass
-        with pytest.raises(EngineDeadError):
-            await async_engine.generate("after", [5], SamplingParams(max_tokens=2))
+    @pytest.fixture(scope="class")
+    def tp2(self, tiny_checkpoint):
+        """A TP=2 engine on the safetensors checkpoint; the class's last test kills one of its workers."""
+        llm = LLM(str(tiny_checkpoint), tensor_parallel_size=2, **ENGINE_ARGS)
+        yield llm
+        llm.engine.shutdown()
 
+    def test_tp2_gives_tp1_greedy_tokens_and_each_rank_holds_half(self, tiny_checkpoint, tp2):
+        assert isinstance(tp2.engine, TensorParallelEngine)
+        assert _greedy(tp2) == _greedy(LLM(str(tiny_checkpoint), **ENGINE_ARGS))
+        _check_rank_memory(tp2.engine, 2)
+
+    def test_a_worker_dying_mid_generation_fails_the_engine_instead_of_hanging(self, tp2):
+        engine = tp2.engine
+        async_engine = AsyncEngine(engine)
+
+        async def generate_and_kill():
+            stream = await async_engine.generate("long", [5, 6, 7], SamplingParams(max_tokens=3000, ignore_eos=True))
+            await stream.__anext__()
+            os.kill(engine.pool._procs[0].pid, signal.SIGKILL)
+            with pytest.raises(EngineStepError, match=r"tensor-parallel rank 1 \(pid \d+\) died"):
+                async for _ in stream:
+                    pass
+            with pytest.raises(EngineDeadError):
+                await async_engine.generate("after", [5], SamplingParams(max_tokens=2))
+
+        try:
+            asyncio.run(asyncio.wait_for(generate_and_kill(), timeout=30))
+            assert async_engine.is_dead
+        finally:
+            asyncio.run(async_engine.shutdown())
+
+
+def test_tp4_replicates_the_kv_groups_and_gives_tp1_greedy_tokens(bin_checkpoint):
+    expected = _greedy(LLM(str(bin_checkpoint), **ENGINE_ARGS))
+    llm = LLM(str(bin_checkpoint), tensor_parallel_size=4, **ENGINE_ARGS)
     try:
-        asyncio.run(asyncio.wait_for(generate_and_kill(), timeout=30))
-        assert async_engine.is_dead
+        assert _greedy(llm) == expected
+        _check_rank_memory(llm.engine, 4)
+        # A worker's own error reaches rank 0 with its traceback, and the engine stays failed.
+        llm.engine.pool.send("not a command")
+        with pytest.raises(TensorParallelError, match=r"rank [123] failed:\n(.|\n)*unknown command 'not a command'"):
+            llm.engine.pool.expect(WorkerReady)
+        with pytest.raises(TensorParallelError, match="rank [123] failed"):
+            llm.engine.step()
     finally:
-        asyncio.run(async_engine.shutdown())
-        engine.shutdown()
+        llm.engine.shutdown()
+    assert not any(p.is_alive() for p in llm.engine.pool._procs)
 
 
 # ---- through the gRPC server ---------------------------------------------------------------------------------------

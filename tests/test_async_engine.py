@@ -1,0 +1,63 @@
+"""AsyncEngine: validation in the caller, adds/aborts through the engine thread, coalesced deltas."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from glmserve.engine.async_engine import AsyncEngine, _coalesce
+from glmserve.engine.errors import DuplicateRequestError, RequestError
+from glmserve.engine.outputs import CompletionOutput, RequestOutput
+from glmserve.engine.sampling_params import SamplingParams
+
+from .engine_helpers import assert_no_leaks, make_engine
+
+
+def _delta(index: int, tokens: list[int], text: str, finish: str | None = None) -> RequestOutput:
+    return RequestOutput("r", [1], [CompletionOutput(index, text, tokens, finish)], finish is not None)
+
+
+def test_coalesce_merges_consecutive_deltas_of_one_sample_only():
+    error = RuntimeError("boom")
+    items = [_delta(0, [1], "a"), _delta(0, [2], "b"), _delta(1, [7], "x"), _delta(0, [3], "c"),
+             _delta(0, [4], "d", "length"), error]
+    merged = _coalesce(items)
+    assert [(m.outputs[0].index, m.outputs[0].token_ids, m.outputs[0].text) for m in merged[:3]] == [
+        (0, [1, 2], "ab"), (1, [7], "x"), (0, [3, 4], "cd")]
+    assert merged[2].outputs[0].finish_reason == "length" and merged[2].finished
+    assert merged[-1] is error
+    # a finished delta is never extended
+    done = _coalesce([_delta(0, [1], "a", "stop"), _delta(0, [2], "b")])
+    assert len(done) == 2 and done[0].outputs[0].token_ids == [1]
+
+
+def test_stream_validation_abort_and_no_leaks(tiny_checkpoint):
+    engine = make_engine(str(tiny_checkpoint))
+
+    async def scenario():
+        async_engine = AsyncEngine(engine)
+        try:
+            with pytest.raises(RequestError):
+                await async_engine.generate("bad", [], SamplingParams())
+            stream = await async_engine.generate("a", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
+            with pytest.raises(DuplicateRequestError):
+                await async_engine.generate("a", [5], SamplingParams())
+            tokens = []
+            async for delta in stream:
+                tokens += delta.outputs[0].token_ids
+                if len(tokens) >= 3:
+                    break
+            await stream.aclose()                     # a client leaving early aborts the request
+            full = [t async for d in await async_engine.generate(
+                "b", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+                for t in d.outputs[0].token_ids]
+            assert len(full) == 5
+            for _ in range(50):                       # the abort is applied by the engine thread
+                if not engine.has_unfinished_requests():
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await async_engine.shutdown()
+
+    asyncio.run(scenario())
+    assert_no_leaks(engine)
