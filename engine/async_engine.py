@@ -126,9 +126,11 @@ class AsyncEngine:
                 self.engine.step()
 
     async def shutdown(self) -> None:
+        """Stop the engine thread, then release what the engine holds beyond itself (tensor-parallel workers)."""
         self._stop = True
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        self.engine.shutdown()
 
     # ---- the caller's side ------------------------------------------------------------------------------------
     async def _iterate(self, request_id: str, stream: _Stream, num_samples: int) -> AsyncIterator[RequestOutput]:

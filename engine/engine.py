@@ -15,7 +15,7 @@ from .model import GLMForCausalLM
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor, TokenEvent
 from .outputs import RequestOutput
-from .request import FinishReason, Request
+from .request import Request
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .tokenizer import ChatGLMTokenizer

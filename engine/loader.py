@@ -80,10 +80,11 @@ def init_dummy_weights(model: GLMForCausalLM, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     for name, shape in sorted(parameter_shapes(model.shard.config).items()):
+        values = torch.randn(shape, generator=gen)    # scaled in place: one full tensor in memory, not two
         if name.endswith("layernorm.weight"):
-            values = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            values.mul_(0.1).add_(1.0)
         else:
-            values = 0.02 * torch.randn(shape, generator=gen)
+            values.mul_(0.02)
         with torch.no_grad():
             params[name].copy_(take_slice(values, model.shard.tensor_slice(name)).to(params[name].dtype))
 

@@ -124,7 +124,8 @@ class GLMBlock(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Holds vocabulary rows [vocab_start, vocab_start + padded_vocab_size) of ``config`` (all of them unsharded)."""
+    """The word embeddings: the whole table, or with a group (vocabulary-parallel) this rank's rows of it,
+    [vocab_start, vocab_start + config.padded_vocab_size) of the checkpoint's."""
 
     def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None, vocab_start: int = 0):
         super().__init__()

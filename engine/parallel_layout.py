@@ -28,10 +28,6 @@ class TensorSlice:
     dim: int
     ranges: tuple[tuple[int, int], ...]     # (start, stop) pairs
 
-    @property
-    def size(self) -> int:
-        return sum(stop - start for start, stop in self.ranges)
-
 
 def validate_tensor_parallel(config: ModelConfig, world_size: int) -> None:
     """A clear ConfigError when the model cannot be split over ``world_size`` ranks."""

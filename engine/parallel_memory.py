@@ -13,15 +13,18 @@ class RankMemory:
     rank: int
     parameter_bytes: int    # the rank's weights (its share; norms and replicated KV groups in full)
     kv_cache_bytes: int     # K and V of all layers
-    rss_bytes: int          # resident set of the rank's process (torch itself included)
+    rss_bytes: int          # resident set of the rank's process now (torch itself included)
+    peak_rss_bytes: int     # the most it has been, loading included
 
 
 def measure_rank_memory(rank: int, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
                         ) -> RankMemory:
+    rss = resident_bytes()
     return RankMemory(rank=rank,
                       parameter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
                       kv_cache_bytes=sum(t.numel() * t.element_size() for pair in kv_caches for t in pair),
-                      rss_bytes=resident_bytes())
+                      # the kernel updates the high-water mark lazily: it can lag the current count a little
+                      rss_bytes=rss, peak_rss_bytes=max(rss, peak_resident_bytes()))
 
 
 def resident_bytes() -> int:
@@ -30,4 +33,8 @@ def resident_bytes() -> int:
         with open("/proc/self/statm", encoding="ascii") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_resident_bytes()
+
+
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # ru_maxrss is in KiB on Linux

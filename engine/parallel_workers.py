@@ -8,7 +8,6 @@ Workers follow rank 0 out: on ``Shutdown``, or when their command pipe closes be
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from multiprocessing.connection import Connection, wait
@@ -24,16 +23,10 @@ from .parallel_worker import worker_main
 
 log = logging.getLogger(__name__)
 
-# How long the pool waits for a worker that is still running (loading a shard, a collective) before failing.
+# How long a worker gets to finish what it is doing and exit after Shutdown before it is killed.
 SHUTDOWN_GRACE_S = 10.0
-# A collective that fails because a worker died can be noticed before the watchdog sees the exit.
+# How long a failed step waits for the watchdog to name the dead worker (the collective can fail first).
 DEATH_NOTICE_S = 2.0
-
-
-def cpu_threads_per_rank(world_size: int) -> int:
-    """torch intra-op threads for each rank: the ranks share the host's cores, and an oversubscribed rank stalls
-    every collective it takes part in."""
-    return max(1, (os.cpu_count() or 1) // world_size)
 
 
 class TensorParallelError(RuntimeError):
@@ -41,7 +34,7 @@ class TensorParallelError(RuntimeError):
 
 
 class WorkerPool:
-    def __init__(self, config: EngineConfig, timeout_s: float):
+    def __init__(self, config: EngineConfig, timeout_s: float, threads_per_rank: int):
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a process group: one tensor-parallel engine per "
                                "process (shut the other one down first)")
@@ -53,20 +46,25 @@ class WorkerPool:
         self._failure: TensorParallelError | None = None
         self._closing = False
         self._send_lock = threading.Lock()
-        self._recv_lock = threading.Lock()     # the watchdog reads a dead worker's last words
+        self._recv_lock = threading.RLock()    # the watchdog reads a dead worker's last words too
+        self._last_words: dict[int, WorkerFailed] = {}
         ctx = torch.multiprocessing.get_context("spawn")
-        threads = cpu_threads_per_rank(world_size)
         self._conns: list[Connection] = []
         self._procs = []
         for rank in range(1, world_size):
             parent_end, child_end = ctx.Pipe(duplex=True)
-            spec = WorkerSpec(rank, self.rendezvous, config, threads)
+            spec = WorkerSpec(rank, self.rendezvous, config, threads_per_rank)
             proc = ctx.Process(target=worker_main, args=(spec, child_end), name=f"glmserve-tp-rank{rank}", daemon=True)
             proc.start()
             child_end.close()    # the worker holds the only other end: it reads EOF when this process goes away
             self._conns.append(parent_end)
             self._procs.append(proc)
         threading.Thread(target=self._watch, name="glmserve-tp-watchdog", daemon=True).start()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes, rank 1 first."""
+        return [proc.pid for proc in self._procs]
 
     # ---- start-up ----------------------------------------------------------------------------------------------
     def join_group(self) -> TensorParallelGroup:
@@ -94,9 +92,9 @@ class WorkerPool:
             if not ready:
                 raise self._fail(TensorParallelError(
                     f"tensor-parallel rank {rank} did not answer within {self.rendezvous.timeout_s:g}s"))
-            reply = self._receive(conn) if conn in ready else None
+            reply = self._receive(rank) if conn in ready else None
             if reply is None or isinstance(reply, WorkerFailed):
-                raise self._worker_died(rank, reply)
+                raise self._worker_died(rank)
             if not isinstance(reply, reply_type):
                 raise self._fail(TensorParallelError(f"tensor-parallel rank {rank} answered {reply!r}, "
                                                      f"expected {reply_type.__name__}"))
@@ -114,39 +112,47 @@ class WorkerPool:
             raise self._failure
 
     def failure_for(self, exc: BaseException) -> TensorParallelError:
-        """The error to raise for a failed collective: the dead worker's, when one died (a collective can fail
-        just before the watchdog sees the exit), otherwise the collective's own."""
+        """The error to raise for a step that failed part-way: the dead worker's, when one died (its collective
+        can fail just before the watchdog sees the exit), otherwise the step's own. Either way the ranks are out
+        of step for good, so the failure is recorded."""
         if isinstance(exc, TensorParallelError):
             return exc
         deadline = time.monotonic() + DEATH_NOTICE_S
         while self._failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        return self._fail(TensorParallelError(f"a tensor-parallel collective failed: {exc}"))
+        return self._fail(TensorParallelError(f"a tensor-parallel step failed: {type(exc).__name__}: {exc}"))
 
     def _fail(self, error: TensorParallelError) -> TensorParallelError:
         if self._failure is None:
             self._failure = error
         return self._failure
 
-    def _receive(self, conn: Connection) -> Reply | None:
-        """The next reply, or None when the worker's end is closed."""
+    def _receive(self, rank: int) -> Reply | None:
+        """The next reply of a worker, or None when its end is closed. A failure report is kept for the error."""
         with self._recv_lock:
             try:
-                return conn.recv()
+                reply = self._conns[rank - 1].recv()
             except (EOFError, OSError):
                 return None
+            if isinstance(reply, WorkerFailed):
+                self._last_words[rank] = reply
+            return reply
 
-    def _worker_died(self, rank: int, last_words: WorkerFailed | None = None) -> TensorParallelError:
+    def _worker_died(self, rank: int) -> TensorParallelError:
         """The error for a worker that is gone, with the traceback it reported if it had time to."""
         conn, proc = self._conns[rank - 1], self._procs[rank - 1]
-        if last_words is None and conn.poll():
-            reply = self._receive(conn)
-            last_words = reply if isinstance(reply, WorkerFailed) else None
+        with self._recv_lock:
+            try:
+                while conn.poll() and self._receive(rank) is not None:
+                    pass
+            except OSError:
+                pass
         proc.join(DEATH_NOTICE_S)
-        message = f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}"
+        last_words = self._last_words.get(rank)
         if last_words is not None:
-            message = f"tensor-parallel rank {rank} failed:\n{last_words.error}"
-        return self._fail(TensorParallelError(message))
+            return self._fail(TensorParallelError(f"tensor-parallel rank {rank} failed:\n{last_words.error}"))
+        return self._fail(TensorParallelError(
+            f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}"))
 
     def _watch(self) -> None:
         ready = wait([proc.sentinel for proc in self._procs])

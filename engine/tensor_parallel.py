@@ -22,7 +22,7 @@ from .parallel_batch import pack_inputs
 from .parallel_layout import ShardLayout, validate_tensor_parallel
 from .parallel_memory import RankMemory, measure_rank_memory
 from .parallel_protocol import BuildRunner, ProfileForward, ReportMemory, WorkerReady
-from .parallel_workers import TensorParallelError, WorkerPool, cpu_threads_per_rank
+from .parallel_workers import TensorParallelError, WorkerPool
 
 # How long start-up stages and collectives may wait for a rank before the engine fails instead of hanging.
 COLLECTIVE_TIMEOUT_S = 600.0
@@ -32,6 +32,13 @@ __all__ = ["TensorParallelEngine", "TensorParallelError", "build_tensor_parallel
 
 def build_tensor_parallel_engine(config: EngineConfig) -> "TensorParallelEngine":
     return TensorParallelEngine(config)
+
+
+def _release(pool: WorkerPool, process_threads: int) -> None:
+    """Stop the workers and give this process its CPU threads back (not a method: the finalizer must not keep
+    the engine alive)."""
+    pool.shutdown()
+    torch.set_num_threads(process_threads)
 
 
 class DriverRunner(ModelRunner):
@@ -47,7 +54,7 @@ class DriverRunner(ModelRunner):
             self.pool.send(header)
             self.pool.group.broadcast(payload)
             return super().run_model(inputs)
-        except RuntimeError as exc:   # a collective failed: usually because a worker died
+        except Exception as exc:   # usually a collective that failed because a worker died
             raise self.pool.failure_for(exc) from exc
 
 
@@ -59,11 +66,15 @@ class TensorParallelEngine(Engine):
         device = torch.device(config.device)
         if device.type == "cuda" and torch.cuda.device_count() < n:
             raise ConfigError(f"tensor_parallel_size {n} needs {n} GPUs, found {torch.cuda.device_count()}")
+        # The ranks share this process's CPU budget (OMP_NUM_THREADS or the cores): an oversubscribed rank stalls
+        # every collective it takes part in.
+        process_threads = torch.get_num_threads()
+        threads = max(1, process_threads // n)
+        self.pool = WorkerPool(config, COLLECTIVE_TIMEOUT_S, threads)
         if device.type == "cpu":
-            torch.set_num_threads(cpu_threads_per_rank(n))   # rank 0 shares the cores with the workers
-        self.pool = WorkerPool(config, COLLECTIVE_TIMEOUT_S)
+            torch.set_num_threads(threads)
         # Workers stop with the engine: on shutdown(), when the engine is collected, or at interpreter exit.
-        self._stop_workers = weakref.finalize(self, self.pool.shutdown)
+        self._release = weakref.finalize(self, _release, self.pool, process_threads)
         try:
             super().__init__(config)
         except BaseException:
@@ -94,7 +105,7 @@ class TensorParallelEngine(Engine):
         return super().step()
 
     def shutdown(self) -> None:
-        self._stop_workers()
+        self._release()
 
     # ---- inspection --------------------------------------------------------------------------------------------
     def rank_memory(self) -> list[RankMemory]:

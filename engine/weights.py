@@ -71,7 +71,7 @@ class ShardFile:
     """
 
     def __init__(self, path: Path, fmt: str):
-        self.path, self.format = path, fmt
+        self.path = path
         self._safetensors = None
         self._state: dict[str, torch.Tensor] = {}
         with self._errors():
@@ -96,17 +96,13 @@ class ShardFile:
     def read(self, name: str, piece: TensorSlice | None = None) -> torch.Tensor:
         """The whole tensor, or the ranges of ``piece`` concatenated along its dim."""
         with self._errors():
+            if self._safetensors is None:
+                return take_slice(self._state[name], piece)
             if piece is None:
-                if self._safetensors is not None:
-                    return self._safetensors.get_tensor(name)
-                return self._state[name]
-            if self._safetensors is not None:
-                source = self._safetensors.get_slice(name)
-                lead = (slice(None),) * piece.dim
-                parts = [source[lead + (slice(start, stop),)] for start, stop in piece.ranges]
-            else:
-                tensor = self._state[name]
-                parts = [tensor.narrow(piece.dim, start, stop - start) for start, stop in piece.ranges]
+                return self._safetensors.get_tensor(name)
+            source = self._safetensors.get_slice(name)
+            lead = (slice(None),) * piece.dim
+            parts = [source[lead + (slice(start, stop),)] for start, stop in piece.ranges]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)
 
     def close(self) -> None:

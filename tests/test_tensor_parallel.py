@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 
 import grpc
@@ -22,8 +21,8 @@ from glmserve.engine.errors import EngineDeadError
 from glmserve.engine.llm import LLM
 from glmserve.engine.model import GLMForCausalLM
 from glmserve.engine.parallel_layout import ShardLayout
-from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.parallel_protocol import WorkerReady
+from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.tensor_parallel import TensorParallelEngine, TensorParallelError
 from glmserve.engine.tokenizer import embedded_tokenizer_path
 
@@ -52,6 +51,30 @@ def _layout_parameter_bytes(rank: int, n: int) -> int:
     with torch.device("meta"):
         model = GLMForCausalLM(TINY, ShardLayout(TINY, rank, n), group=object())
     return sum(p.numel() * 4 for p in model.parameters())
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """The spawned worker processes of ``parent`` that are still running."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == parent and state != "Z" and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _check_rank_memory(engine: TensorParallelEngine, n: int) -> None:
@@ -87,7 +110,7 @@ class TestTwoRanks:
         async def generate_and_kill():
             stream = await async_engine.generate("long", [5, 6, 7], SamplingParams(max_tokens=3000, ignore_eos=True))
             await stream.__anext__()
-            os.kill(engine.pool._procs[0].pid, signal.SIGKILL)
+            os.kill(engine.pool.worker_pids[0], signal.SIGKILL)
             with pytest.raises(EngineStepError, match=r"tensor-parallel rank 1 \(pid \d+\) died"):
                 async for _ in stream:
                     pass
@@ -115,34 +138,10 @@ def test_tp4_replicates_the_kv_groups_and_gives_tp1_greedy_tokens(bin_checkpoint
             llm.engine.step()
     finally:
         llm.engine.shutdown()
-    assert not any(p.is_alive() for p in llm.engine.pool._procs)
+    assert not any(_alive(pid) for pid in llm.engine.pool.worker_pids)
 
 
 # ---- through the gRPC server ---------------------------------------------------------------------------------------
-def _worker_pids(parent: int) -> list[int]:
-    """The spawned worker processes of ``parent`` that are still running."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == parent and state != "Z" and b"spawn_main" in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 PROMPT = "The kettle clicked off just as the first train"
 
 
@@ -176,10 +175,13 @@ def test_serve_reports_not_serving_when_a_worker_dies_and_a_killed_server_takes_
         with GenerationClient(server.target) as client:
             assert client.health() == "SERVING"
             os.kill(workers[0], signal.SIGKILL)
-            time.sleep(0.5)    # the watchdog notices the exit
+            eventually(lambda: any("rank 1" in line and "died" in line for line in server.lines),
+                       what="the watchdog's log line")
             with pytest.raises(grpc.RpcError):
                 collect(client.generate(PROMPT, max_tokens=4, temperature=0.0))
             eventually(lambda: client.health() == "NOT_SERVING", what="health NOT_SERVING")
+        # The failed step never reached ranks 2 and 3 (the watchdog had already failed the engine): they are idle.
+        assert all(_alive(p) for p in workers[1:])
         server.proc.kill()      # no atexit, no shutdown: the workers see their pipe close
         server.proc.wait(10)
         eventually(lambda: not any(_alive(p) for p in workers[1:]), timeout=10, what="the workers exit")

@@ -149,7 +149,8 @@ def _run(models: list[GLMForCausalLM], steps: list[list[int]]) -> list[torch.Ten
         n = len(tokens)
         positions = torch.arange(length, length + n)
         length += n
-        meta = AttentionMetadata(slot_mapping=positions.clone(), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        meta = AttentionMetadata(slot_mapping=positions.clone(),
+                                 query_start_loc=torch.tensor([0, n], dtype=torch.int32),
                                  seq_lens=torch.tensor([length], dtype=torch.int32),
                                  block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
                                  num_decodes=int(n == 1), max_query_len=n, max_seq_len=length)
