@@ -8,6 +8,7 @@ Scores and softmax are computed in float32; the output has the query's dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Upper bound on the number of float32 score elements one tile materialises (256 MiB), so a 32K-token prompt
 # never needs a 32K x 32K matrix.
@@ -54,14 +55,12 @@ def paged_decode_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
         length = int(lens.max())
         num_blocks = (length + block_size - 1) // block_size
         blocks = block_tables[start:end, :num_blocks].long()                       # [b, nb]
-        keys = k_cache[blocks].flatten(1, 2)[:, :length].float()                   # [b, L, KVH, D]
-        values = v_cache[blocks].flatten(1, 2)[:, :length].float()
+        # [b, KVH, L, D] views of the gathered tokens; the G query heads of a group attend as G query rows.
+        keys = k_cache[blocks].flatten(1, 2)[:, :length].float().transpose(1, 2)
+        values = v_cache[blocks].flatten(1, 2)[:, :length].float().transpose(1, 2)
         q = query[start:end].float().view(end - start, num_kv_heads, group, head_dim)
-        scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale                  # [b, KVH, G, L]
-        pad = torch.arange(length, device=query.device)[None, :] >= lens[:, None]  # [b, L]
-        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        ctx = torch.einsum("bkgl,blkd->bkgd", probs, values)
+        visible = torch.arange(length, device=query.device)[None, :] < lens[:, None]  # [b, L]
+        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
         out[start:end] = ctx.reshape(end - start, num_heads, head_dim).to(query.dtype)
     return out
 
@@ -86,19 +85,20 @@ def paged_extend_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
         num_q = q_end - q_start
         if num_q == 0:
             continue
-        keys = _gather_context(k_cache, block_tables[b], length)                  # [L, KVH, D]
-        values = _gather_context(v_cache, block_tables[b], length)
+        keys = _gather_context(k_cache, block_tables[b], length).transpose(0, 1)   # [KVH, L, D]
+        values = _gather_context(v_cache, block_tables[b], length).transpose(0, 1)
         first_pos = length - num_q
         tile = max(1, _SCORE_BUDGET // max(1, num_heads * length))
         for t0 in range(0, num_q, tile):
             t1 = min(num_q, t0 + tile)
             visible = first_pos + t1                                               # keys this tile can see
+            # [KVH, G*t, D]: a group's query heads and tokens are rows of one attention over the group's keys.
             q = query[q_start + t0:q_start + t1].float().view(t1 - t0, num_kv_heads, group, head_dim)
-            scores = torch.einsum("tkgd,lkd->kgtl", q, keys[:visible]) * scale     # [KVH, G, t, l]
-            q_pos = torch.arange(first_pos + t0, first_pos + t1, device=query.device)
-            k_pos = torch.arange(visible, device=query.device)
-            scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            ctx = torch.einsum("kgtl,lkd->tkgd", probs, values[:visible])
+            q = q.permute(1, 2, 0, 3).reshape(num_kv_heads, group * (t1 - t0), head_dim)
+            q_pos = torch.arange(first_pos + t0, first_pos + t1, device=query.device).repeat(group)
+            causal = torch.arange(visible, device=query.device)[None, :] <= q_pos[:, None]   # [G*t, l]
+            ctx = F.scaled_dot_product_attention(q, keys[:, :visible], values[:, :visible], attn_mask=causal,
+                                                 scale=scale)                                # [KVH, G*t, D]
+            ctx = ctx.view(num_kv_heads, group, t1 - t0, head_dim).permute(2, 0, 1, 3)
             out[q_start + t0:q_start + t1] = ctx.reshape(t1 - t0, num_heads, head_dim).to(query.dtype)
     return out
