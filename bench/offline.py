@@ -22,7 +22,8 @@ from glmserve.engine.sampling_params import SamplingParams
 from .forward_timer import ForwardTimer
 from .machine import CpuSnapshot, cpu_snapshot, load_average, machine_info, others_cpu_share
 from .offline_report import EngineOverhead, OfflineResult, SystemResult, compare_outputs
-from .workload import BenchRequest, LengthRange, make_workload
+from .int_range import IntRange
+from .workload import BenchRequest, make_workload
 
 # A few short requests before each timed run: first calls pay one-time costs (oneDNN kernel selection, allocator
 # growth) that a long-running server does not.
@@ -33,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="glm-small", help="a preset (dummy weights) or a checkpoint directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the model's)")
     parser.add_argument("--num-requests", type=int, default=128)
-    parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(16, 512),
+    parser.add_argument("--input-len", type=IntRange.parse, default=IntRange(16, 512),
                         help="prompt lengths, uniform in LOW:HIGH (default 16:512)")
-    parser.add_argument("--output-len", type=LengthRange.parse, default=LengthRange(16, 256),
+    parser.add_argument("--output-len", type=IntRange.parse, default=IntRange(16, 256),
                         help="output lengths, uniform in LOW:HIGH (default 16:256)")
     parser.add_argument("--max-num-seqs", type=int, default=64,
                         help="glmserve's running-batch limit and HF's static batch size")

@@ -5,11 +5,12 @@ Lengths that depend on the server's tokenizer (ShareGPT) are measured by the cal
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from .int_range import IntRange
 
 # Ids 0-2 are <unk>, <s> and </s>: a random prompt avoids them so no prompt token looks like padding or eos.
 FIRST_RANDOM_ID = 3
@@ -22,35 +23,6 @@ WORDS = ("the", "model", "server", "a", "batch", "of", "tokens", "is", "cached",
          "users", "so", "blocks", "are", "shared", "between", "requests", "kettle", "train", "river", "garden",
          "window", "paper", "story", "question", "answer", "please", "explain", "why", "how", "when", "short",
          "long", "quiet", "bright", "morning", "evening", "city", "road", "tea", "bread", "music", "number")
-
-
-@dataclass(frozen=True)
-class IntRange:
-    """An inclusive integer range, written ``LOW:HIGH`` (or ``N`` for one value) on the command line.
-
-    The harness keeps its own small parser rather than reusing the offline benchmark's, because that module
-    imports torch and the serving harness runs on client machines that need only grpc.
-    """
-
-    low: int
-    high: int
-
-    @classmethod
-    def parse(cls, text: str) -> "IntRange":
-        low, _, high = text.partition(":")
-        try:
-            result = cls(int(low), int(high or low))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected LOW:HIGH or N, got {text!r}") from None
-        if not 1 <= result.low <= result.high:
-            raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
-        return result
-
-    def draw(self, rng: random.Random) -> int:
-        return rng.randint(self.low, self.high)
-
-    def __str__(self) -> str:
-        return f"{self.low}:{self.high}"
 
 
 @dataclass(frozen=True)

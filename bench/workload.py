@@ -1,34 +1,14 @@
 """A synthetic offline workload: prompts of random token ids and fixed output lengths, both uniform in a range."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
 
+from .int_range import IntRange
+
 # Prompt ids start above <unk>/pad (0), <s> (1) and </s> (2): no prompt token then looks like padding or eos.
 FIRST_PROMPT_ID = 3
-
-
-@dataclass(frozen=True)
-class LengthRange:
-    low: int
-    high: int   # inclusive
-
-    @classmethod
-    def parse(cls, text: str) -> "LengthRange":
-        """``"16:512"`` -> [16, 512]; ``"64"`` -> [64, 64]. An argparse ``type``."""
-        low, _, high = text.partition(":")
-        try:
-            result = cls(int(low), int(high or low))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected LOW:HIGH or N, got {text!r}") from None
-        if not 1 <= result.low <= result.high:
-            raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
-        return result
-
-    def __str__(self) -> str:
-        return f"{self.low}:{self.high}"
 
 
 @dataclass(frozen=True)
@@ -37,12 +17,12 @@ class BenchRequest:
     output_len: int             # tokens to generate, exactly (eos is ignored)
 
 
-def make_workload(num_requests: int, input_len: LengthRange, output_len: LengthRange, vocab_size: int,
+def make_workload(num_requests: int, input_len: IntRange, output_len: IntRange, vocab_size: int,
                   seed: int) -> list[BenchRequest]:
     """The same requests for every system under test, in arrival order."""
     gen = torch.Generator().manual_seed(seed)
 
-    def uniform(r: LengthRange) -> int:
+    def uniform(r: IntRange) -> int:
         return int(torch.randint(r.low, r.high + 1, (), generator=gen))
 
     requests = []
