@@ -232,3 +232,29 @@ def test_duplicate_request_id_is_refused(tiny_checkpoint):
         engine.add_request("same", [5, 6], SamplingParams(max_tokens=4))
     run_to_completion(engine)
     assert_no_leaks(engine)
+
+
+def test_priority_admits_lower_values_first(tiny_checkpoint):
+    engine = make_engine(str(tiny_checkpoint), max_num_seqs=1)
+    params = SamplingParams(max_tokens=2, **GREEDY)
+    engine.add_request("first", [5, 6, 7], params)
+    engine.step()                                            # "first" occupies the only sequence slot
+    engine.add_request("late-low", [5, 6, 8], params, priority=5)
+    engine.add_request("late-high", [5, 6, 9], params, priority=-1)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["first", "late-high", "late-low"]
+    assert_no_leaks(engine)
+
+
+def test_offline_api_returns_logprobs_and_text(tiny_checkpoint):
+    from glmserve.engine.llm import LLM
+    llm = LLM(str(tiny_checkpoint), num_kv_blocks=64)
+    (out,) = llm.generate(["hello world"], SamplingParams(max_tokens=4, logprobs=3, **GREEDY))
+    sample = out.outputs[0]
+    assert len(sample.token_ids) == len(sample.logprobs) == len(sample.top_logprobs) == 4
+    for chosen, top in zip(sample.logprobs, sample.top_logprobs):
+        assert len(top) == 3 and abs(top[0][1] - chosen) < 1e-5    # greedy picks the most likely token
+    assert sample.text == llm.tokenizer.decode(sample.token_ids)
+    assert llm.stats()["num_free_blocks"] == 64
