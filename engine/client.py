@@ -185,6 +185,10 @@ def _channel_args(target: str, tls: bool, root_certificates: bytes | None, max_m
                ("grpc.max_receive_message_length", max_message_bytes),
                # Pings on idle connections notice a dead server; the server accepts one every 10 s at most.
                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 20_000)]
+    if target.startswith("dns:"):
+        # A DNS name of several replicas (a Kubernetes headless Service): spread calls over all of them rather
+        # than pinning every call to the first address (grpc's default pick_first policy).
+        options.append(("grpc.lb_policy_name", "round_robin"))
     credentials = grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
     return target, credentials, options
 
