@@ -114,9 +114,6 @@ class AsyncEngine:
         stats["num_waiting"] += self._num_pending_adds
         return stats
 
-    def is_in_flight(self, request_id: str) -> bool:
-        return request_id in self._streams
-
     def run_warmup(self, params: SamplingParams | None = None) -> None:
         """One short request through the whole path, before the server reports SERVING."""
         with self._step_lock:

@@ -21,7 +21,6 @@ from glmserve.proto import generation_pb2_grpc as pb_grpc
 from . import proto_convert as convert
 from .async_engine import AsyncEngine, EngineStepError
 from .deadline import Deadline
-from .errors import DuplicateRequestError
 from .grpc_errors import ServiceUnavailable, status_for
 from .llm import merge_delta
 from .metrics import ServerMetrics
@@ -134,17 +133,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     @_rpc()
     async def GetLoad(self, request, context) -> pb.Load:
-        engine = self._ready()
-        # stats() waits for the engine lock, held for a whole step: wait on a worker thread, not the event loop.
-        stats = await asyncio.get_running_loop().run_in_executor(None, engine.stats)
-        return convert.load_to_proto(stats)
+        return convert.load_to_proto(self._ready().stats())   # counters read without waiting for a step
 
     # ---- one request --------------------------------------------------------------------------------------
     async def _run(self, engine: AsyncEngine, req: convert.EngineRequest, context) -> None:
-        # AsyncEngine keeps a request's stream until its reader is done, a little after the engine forgot the
-        # id; reusing the id in that window would steal the old stream.
-        if engine.is_in_flight(req.request_id):
-            raise DuplicateRequestError(f"request id {req.request_id!r} is already in flight")
         observation_id = engine.engine.tokenizer.special_token_ids["<|observation|>"] if req.chat else None
         async with Deadline(context.time_remaining()):
             stream = await engine.generate(req.request_id, req.prompt_token_ids, req.params, chat=req.chat,
