@@ -57,6 +57,12 @@ class Engine:
         if self.max_model_len > source.config.seq_length:
             raise RequestError("max_model_len", f"max_model_len {self.max_model_len} exceeds the model's "
                                f"seq_length {source.config.seq_length}")
+        if not config.scheduler.enable_chunked_prefill and \
+                config.scheduler.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a prompt (or a recompute after preemption) must fit one step's token budget.
+            raise RequestError("max_num_batched_tokens", f"with chunked prefill off, max_num_batched_tokens "
+                               f"({config.scheduler.max_num_batched_tokens}) must be at least max_model_len "
+                               f"({self.max_model_len})")
         block_size = config.cache.block_size
         self.num_blocks = self._num_kv_blocks(model)
         self.runner = self._make_runner(model, num_blocks=self.num_blocks, block_size=block_size,

@@ -258,3 +258,15 @@ def test_offline_api_returns_logprobs_and_text(tiny_checkpoint):
         assert len(top) == 3 and abs(top[0][1] - chosen) < 1e-5    # greedy picks the most likely token
     assert sample.text == llm.tokenizer.decode(sample.token_ids)
     assert llm.stats()["num_free_blocks"] == 64
+
+
+def test_unchunked_prefill_needs_a_budget_of_a_whole_context(tiny_checkpoint):
+    with pytest.raises(RequestError, match="max_num_batched_tokens"):
+        make_engine(str(tiny_checkpoint), chunked_prefill=False, max_num_batched_tokens=512)
+    engine = make_engine(str(tiny_checkpoint), chunked_prefill=False, max_num_batched_tokens=4096)
+    prompts = random_prompts(3, 2000, (100, 300), seed=31)
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    tokens = run_to_completion(engine, {0: [(f"u{i}", p, params) for i, p in enumerate(prompts)]})
+    chunked = make_engine(str(tiny_checkpoint), max_num_batched_tokens=64)
+    assert run_to_completion(chunked, {0: [(f"u{i}", p, params) for i, p in enumerate(prompts)]}) == tokens
+    assert_no_leaks(engine)
