@@ -57,12 +57,17 @@ class RotaryEmbedding:
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim]; positions: [T]. Returns a new tensor of x's dtype."""
         rot = self.rotary_dim
+        cos, sin = self._lookup(positions)                                  # [T, 1, rot/2] each
         pairs = x[..., :rot].float().unflatten(-1, (rot // 2, 2))        # [T, heads, rot/2, 2]
-        cos = self.cos[positions][:, None, :]                              # [T, 1, rot/2]
-        sin = self.sin[positions][:, None, :]
         x0, x1 = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
         return torch.cat((rotated.to(x.dtype), x[..., rot:]), dim=-1)
+
+    def _lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every layer of a forward pass rotates at the same positions: look them up once per positions tensor.
+        if getattr(self, "_last", None) is None or self._last[0] is not positions:
+            self._last = (positions, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
+        return self._last[1], self._last[2]
 
 
 class SelfAttention(nn.Module):
@@ -86,11 +91,11 @@ class SelfAttention(nn.Module):
         self.rotary: RotaryEmbedding | None = None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv = self.query_key_value(hidden)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = self.rotary(q.view(-1, self.num_heads, self.head_dim), positions)
-        k = self.rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.query_key_value(hidden)                                  # [T, (H + 2*KVH) * D]
+        # Q and K heads are adjacent rows of the fused output: one rotary pass over [T, H + KVH, D].
+        qk = self.rotary(qkv[:, :self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim)), positions)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].unflatten(-1, (self.num_kv_heads, self.head_dim))
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, current_attention_metadata(), self.scale)
         out = self.dense(out.flatten(1))      # [T, hidden]; a partial sum over this rank's heads when sharded
         return out if self.group is None else self.group.all_reduce(out)
