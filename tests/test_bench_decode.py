@@ -18,3 +18,11 @@ def test_decode_benchmark_smoke_on_cpu(tmp_path):
     assert result["weight_bytes"] > 0 and all(p["step_ms"] > 0 and p["hf_step_ms"] is not None
                                               for p in result["points"])
     assert all(p["roofline_ms"] is None for p in result["points"])   # no known peak bandwidth on a CPU
+
+
+def test_decode_benchmark_without_cuda_is_a_clear_error(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
