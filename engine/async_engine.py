@@ -61,7 +61,10 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self.step_listeners: list[StepListener] = []
         self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
-        self._num_pending_adds = 0          # adds handed over but not yet in the scheduler's waiting queue
+        # Adds handed over but not yet in the scheduler's queue = sent - applied; each counter has one writer
+        # thread (callers' event loop / the engine thread), so neither needs a lock.
+        self._adds_sent = 0
+        self._adds_applied = 0
         self._step_lock = threading.Lock()  # held by whoever steps the engine (the loop, or a warm-up)
         self._wake = threading.Event()
         self._stop = False
@@ -92,7 +95,7 @@ class AsyncEngine:
         prompt, effective = self.engine.validate_request(prompt_token_ids, params, chat=chat)
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        self._num_pending_adds += 1
+        self._adds_sent += 1
         self._commands.put(_Add(request_id, prompt, params, chat, priority))
         self._wake.set()
         return self._iterate(request_id, stream, effective.n)
@@ -107,6 +110,10 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         return self.engine.scheduler.num_waiting + self._num_pending_adds
+
+    @property
+    def _num_pending_adds(self) -> int:
+        return self._adds_sent - self._adds_applied
 
     def stats(self) -> dict:
         """The engine's counters, read without waiting for a step (each value is current to within one step)."""
@@ -174,7 +181,7 @@ class AsyncEngine:
             if isinstance(command, _Abort):
                 self.engine.abort_request(command.request_id)
                 continue
-            self._num_pending_adds -= 1
+            self._adds_applied += 1
             stream = self._streams.get(command.request_id)
             if stream is None:      # the caller left before the request reached the engine
                 continue
