@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests of the steady-rate run; the multiturn and chaos runs scale with it")
     parser.add_argument("--rate", type=float, default=6.0, help="requests/s of the steady-rate run")
     parser.add_argument("--out", default="results/demo.json", help="where to write the runs' JSON results")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (the default when stderr is not a terminal, e.g. in CI logs)")
     args = parser.parse_args(argv)
+    args.progress = args.progress and sys.stderr.isatty()
 
     t0 = time.perf_counter()
     failures: list[str] = []
