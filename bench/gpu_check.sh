@@ -4,7 +4,7 @@
 # 1. installs this checkout in editable mode (no dependencies, no build isolation)
 # 2. runs the kernel tests compiled on the GPU (log in RESULTS_DIR)
 # 3. runs the kernel benchmark (RESULTS_DIR/kernels.json)
-# 4. runs the decode throughput benchmark when that module exists (RESULTS_DIR/decode.json)
+# 4. runs the end-to-end decode benchmark at ChatGLM3-6B shape (RESULTS_DIR/decode.json)
 # A failing step does not stop the later ones; the script exits 1 if any step failed. Each step has a time
 # limit so the whole check stays under 8 minutes. It writes 8 files (the device tool brings back at most 8).
 set -u
