@@ -13,6 +13,10 @@ import torch.nn.functional as F
 # Upper bound on the number of float32 score elements one tile materialises (256 MiB), so a 32K-token prompt
 # never needs a 32K x 32K matrix.
 _SCORE_BUDGET = 64 * 1024 * 1024
+# Decode sequences per padded tile: small enough that sorted neighbours have similar lengths (less padding to
+# gather and attend over), large enough to keep per-tile overhead low (measured on a 2-core CPU: 8 is ~30% faster
+# than one tile for a batch of 48 with lengths 100-700).
+_DECODE_GROUP = 8
 
 
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -46,22 +50,24 @@ def paged_decode_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     group = num_heads // num_kv_heads
     out = torch.empty_like(query)
     max_len = int(seq_lens.max())
-    # Sequences are gathered into a padded [b, L, KVH, D] tile; bound its size by processing the batch in slices.
+    # Sequences are gathered into padded [b, L, KVH, D] tiles, a few at a time in order of length, so a tile pads
+    # to a length close to its own sequences' (and its size stays bounded).
     per_seq = max(1, max_len * num_kv_heads * head_dim)
-    step = max(1, _SCORE_BUDGET // per_seq)
+    step = max(1, min(_DECODE_GROUP, _SCORE_BUDGET // per_seq))
+    order = torch.argsort(seq_lens)
     for start in range(0, batch, step):
-        end = min(batch, start + step)
-        lens = seq_lens[start:end].long()
+        rows = order[start:start + step]
+        lens = seq_lens[rows].long()
         length = int(lens.max())
         num_blocks = (length + block_size - 1) // block_size
-        blocks = block_tables[start:end, :num_blocks].long()                       # [b, nb]
+        blocks = block_tables[rows, :num_blocks].long()                            # [b, nb]
         # [b, KVH, L, D] views of the gathered tokens; the G query heads of a group attend as G query rows.
         keys = k_cache[blocks].flatten(1, 2)[:, :length].float().transpose(1, 2)
         values = v_cache[blocks].flatten(1, 2)[:, :length].float().transpose(1, 2)
-        q = query[start:end].float().view(end - start, num_kv_heads, group, head_dim)
+        q = query[rows].float().view(len(rows), num_kv_heads, group, head_dim)
         visible = torch.arange(length, device=query.device)[None, :] < lens[:, None]  # [b, L]
         ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
-        out[start:end] = ctx.reshape(end - start, num_heads, head_dim).to(query.dtype)
+        out[rows] = ctx.reshape(len(rows), num_heads, head_dim).to(query.dtype)
     return out
 
 
