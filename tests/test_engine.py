@@ -270,3 +270,37 @@ def test_unchunked_prefill_needs_a_budget_of_a_whole_context(tiny_checkpoint):
     chunked = make_engine(str(tiny_checkpoint), max_num_batched_tokens=64)
     assert run_to_completion(chunked, {0: [(f"u{i}", p, params) for i, p in enumerate(prompts)]}) == tokens
     assert_no_leaks(engine)
+
+
+def test_stop_string_ends_the_text_before_it(tiny_checkpoint):
+    from glmserve.engine.llm import LLM
+    llm = LLM(str(tiny_checkpoint), num_kv_blocks=64)
+    prompt = "the quick brown fox"
+    (free,) = llm.generate([prompt], SamplingParams(max_tokens=24, **GREEDY))
+    text = free.outputs[0].text
+    stop = text[len(text) // 3: len(text) // 3 + 3]        # a string in the middle, likely spanning tokens
+    assert stop and stop in text
+    (stopped,) = llm.generate([prompt], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))
+    out = stopped.outputs[0]
+    assert out.text == text[:text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.token_ids == free.outputs[0].token_ids[:len(out.token_ids)]
+    assert llm.stats()["num_free_blocks"] == 64
+
+
+def test_stop_token_ids_and_min_tokens(tiny_checkpoint):
+    from glmserve.engine.llm import LLM
+    llm = LLM(str(tiny_checkpoint), num_kv_blocks=64)
+    prompt_ids = [5, 6, 7, 8]
+    (free,) = llm.generate(prompt_token_ids=[prompt_ids], sampling_params=SamplingParams(max_tokens=12, **GREEDY))
+    tokens = free.outputs[0].token_ids
+    target = tokens[5]
+    (stopped,) = llm.generate(prompt_token_ids=[prompt_ids], sampling_params=SamplingParams(
+        max_tokens=12, stop_token_ids=[target], **GREEDY))
+    first = tokens.index(target)
+    assert stopped.outputs[0].token_ids == tokens[:first + 1]            # the stop token is the last token
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == target
+    (held,) = llm.generate(prompt_token_ids=[prompt_ids], sampling_params=SamplingParams(
+        max_tokens=12, min_tokens=12, stop_token_ids=[target], **GREEDY))
+    assert len(held.outputs[0].token_ids) == 12 and target not in held.outputs[0].token_ids
+    assert held.outputs[0].finish_reason == "length"
