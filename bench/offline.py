@@ -21,7 +21,8 @@ from glmserve.engine.sampling_params import SamplingParams
 
 from .forward_timer import ForwardTimer
 from .machine import CpuSnapshot, cpu_snapshot, load_average, machine_info, others_cpu_share
-from .offline_report import EngineOverhead, OfflineResult, SystemResult, compare_outputs
+from .offline_report import (EngineOverhead, OfflineResult, SystemResult, compare_outputs, median_ratios_line,
+                             write_results)
 from .int_range import IntRange
 from .workload import BenchRequest, make_workload
 
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-hf-single", action="store_true", help="skip the HF one-at-a-time baseline")
     parser.add_argument("--hf-single-requests", type=int, default=16,
                         help="requests the HF one-at-a-time baseline runs (its tokens/s is measured on these)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the systems in turn this many times and report the median ratios (a shared "
+                             "machine's speed drifts between runs minutes apart)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,13 +61,24 @@ def run(args: argparse.Namespace) -> int:
     requests = make_workload(args.num_requests, args.input_len, args.output_len, llm.tokenizer.vocab_size,
                              args.seed)
     run_glmserve(llm, WARMUP)
-    outputs, glmserve, overhead = run_glmserve(llm, requests)
-    result = OfflineResult(settings=_settings(args), machine=machine_info(), glmserve=glmserve, overhead=overhead)
-    if not args.skip_hf:
-        run_hf_baselines(llm, requests, outputs, args, result)
-    print(result.summary())
+    if args.rounds < 1:
+        raise SystemExit("glmserve-bench offline: error: --rounds must be >= 1")
+    hf_model = None if args.skip_hf else _hf_model(llm)
+    results = []
+    for round_index in range(args.rounds):
+        outputs, glmserve, overhead = run_glmserve(llm, requests)
+        result = OfflineResult(settings=_settings(args), machine=machine_info(), glmserve=glmserve,
+                               overhead=overhead)
+        if hf_model is not None:
+            run_hf_baselines(hf_model, requests, outputs, args, result)
+        if args.rounds > 1:
+            print(f"--- round {round_index + 1} of {args.rounds}")
+        print(result.summary())
+        results.append(result)
+    if args.rounds > 1:
+        print(median_ratios_line(results))
     if args.out:
-        result.write_json(args.out)
+        write_results(args.out, results)
     return 0
 
 
@@ -84,12 +99,16 @@ def run_glmserve(llm: LLM, requests: list[BenchRequest]) -> tuple[list[list[int]
     return outputs, system, overhead
 
 
-def run_hf_baselines(llm: LLM, requests: list[BenchRequest], outputs: list[list[int]], args: argparse.Namespace,
-                     result: OfflineResult) -> None:
-    from .hf_baseline import build_hf_model, generate_one_at_a_time, generate_static_batches
-    # HF gets a copy of the very weights glmserve ran with, whatever --model loaded.
+def _hf_model(llm: LLM):
+    """HF's model with a copy of the very weights glmserve runs with, whatever --model loaded."""
+    from .hf_baseline import build_hf_model
     engine = llm.engine
-    model = build_hf_model(engine.model_config, engine.runner.model.state_dict(), llm.tokenizer.vocab_size)
+    return build_hf_model(engine.model_config, engine.runner.model.state_dict(), llm.tokenizer.vocab_size)
+
+
+def run_hf_baselines(model, requests: list[BenchRequest], outputs: list[list[int]], args: argparse.Namespace,
+                     result: OfflineResult) -> None:
+    from .hf_baseline import generate_one_at_a_time, generate_static_batches
     batch = args.max_num_seqs
     generate_static_batches(model, WARMUP, batch)
     start = cpu_snapshot()

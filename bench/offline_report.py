@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -94,11 +95,6 @@ class OfflineResult:
         out["ratios"] = self.ratios()
         return out
 
-    def write_json(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
-
     def summary(self) -> str:
         w = self.settings
         lines = [f"offline: {w['model']}, {w['num_requests']} requests, input {w['input_len']}, output "
@@ -144,3 +140,24 @@ def compare_outputs(baseline: str, ours: Sequence[Sequence[int]], theirs: Sequen
             mismatches.append(Mismatch(i, position))
     compared = min(len(ours), len(theirs))
     return Agreement(baseline, compared, compared - len(mismatches), mismatches)
+
+
+def median_ratios(results: Sequence[OfflineResult]) -> dict[str, float]:
+    """Per-baseline median of the rounds' ratios: each round's systems ran minutes apart, the rounds longer."""
+    keys = {key for r in results for key in r.ratios()}
+    return {key: statistics.median(r.ratios()[key] for r in results if key in r.ratios()) for key in sorted(keys)}
+
+
+def median_ratios_line(results: Sequence[OfflineResult]) -> str:
+    parts = [f"{key.removeprefix('vs_')}: {value:.2f}x" for key, value in median_ratios(results).items()]
+    per_round = [", ".join(f"{v:.2f}" for v in r.ratios().values()) for r in results]
+    return f"median over {len(results)} rounds: " + "; ".join(parts) + f" (per round: {' | '.join(per_round)})"
+
+
+def write_results(path: str, results: Sequence[OfflineResult]) -> None:
+    """One round: that round's JSON. Several: ``{"rounds": [...], "median_ratios": {...}}``."""
+    data = results[0].to_json() if len(results) == 1 else {
+        "rounds": [r.to_json() for r in results], "median_ratios": median_ratios(results)}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")

@@ -49,3 +49,15 @@ def test_skip_hf_runs_glmserve_only(tmp_path):
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["hf_static"] is None and result["hf_single"] is None and result["agreement"] == []
     assert result["glmserve"]["num_output_tokens"] == 9
+
+
+def test_median_ratios_over_rounds():
+    from glmserve.bench.machine import machine_info
+    from glmserve.bench.offline_report import EngineOverhead, OfflineResult, SystemResult, median_ratios
+
+    def round_result(ours: float, static: float) -> OfflineResult:
+        system = lambda name, seconds: SystemResult(name, 1, 100, seconds, 0.0, 0.0)   # noqa: E731
+        return OfflineResult({}, machine_info(), system("glmserve", 100 / ours),
+                             EngineOverhead(1, 0.5, 0.4, 100, 1, 1, 0), hf_static=system("hf", 100 / static))
+    rounds = [round_result(400, 200), round_result(300, 100), round_result(350, 200)]
+    assert median_ratios(rounds) == {"vs_hf_static": 2.0}    # per-round ratios 2.0, 3.0 and 1.75
