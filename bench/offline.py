@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     hf_model = None if args.skip_hf else _hf_model(llm)
     results = []
     for round_index in range(args.rounds):
+        llm.reset_prefix_cache()   # a later round must compute its prompts again, not find them cached
         outputs, glmserve, overhead = run_glmserve(llm, requests)
         result = OfflineResult(settings=_settings(args), machine=machine_info(), glmserve=glmserve,
                                overhead=overhead)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .block_manager import BlockManager
-from .config import EngineConfig
+from .config import ConfigError, EngineConfig
 from .errors import DuplicateRequestError, RequestError
 from .loader import ModelSource, load_model, resolve_dtype, resolve_model_source
 from .model import GLMForCausalLM
@@ -44,25 +44,12 @@ class Engine:
         self.model_name = source.name
         self.model_config = source.config
         self.tokenizer = ChatGLMTokenizer.from_file(source.tokenizer_path)
-        if self.tokenizer.vocab_size > source.config.padded_vocab_size:
-            raise RequestError("tokenizer", f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's "
-                               f"padded_vocab_size is {source.config.padded_vocab_size}")
         self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RequestError("device", "device cuda was requested but no CUDA device is available")
+        self.max_model_len = config.scheduler.max_model_len or source.config.seq_length
+        self._check_settings(source)        # before the (possibly minutes-long) model load
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
         model = self._load_model(source)
-        self.max_model_len = config.scheduler.max_model_len or source.config.seq_length
-        if self.max_model_len > source.config.seq_length:
-            raise RequestError("max_model_len", f"max_model_len {self.max_model_len} exceeds the model's "
-                               f"seq_length {source.config.seq_length}")
-        if not config.scheduler.enable_chunked_prefill and \
-                config.scheduler.max_num_batched_tokens < self.max_model_len:
-            # Without chunking a prompt (or a recompute after preemption) must fit one step's token budget.
-            raise RequestError("max_num_batched_tokens", f"with chunked prefill off, max_num_batched_tokens "
-                               f"({config.scheduler.max_num_batched_tokens}) must be at least max_model_len "
-                               f"({self.max_model_len})")
         block_size = config.cache.block_size
         self.num_blocks = self._num_kv_blocks(model)
         self.runner = self._make_runner(model, num_blocks=self.num_blocks, block_size=block_size,
@@ -76,6 +63,22 @@ class Engine:
         self._aborted: list[Request] = []
         self.last_step_num_tokens = 0      # tokens computed by the latest step (a metrics histogram reads it)
         self._children: dict[str, list[str]] = {}
+
+    def _check_settings(self, source: ModelSource) -> None:
+        config, model_config = self.config, source.config
+        if self.tokenizer.vocab_size > model_config.padded_vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's padded_vocab_size "
+                              f"is {model_config.padded_vocab_size}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda was requested but no CUDA device is available")
+        if self.max_model_len > model_config.seq_length:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's seq_length "
+                              f"{model_config.seq_length}")
+        if not config.scheduler.enable_chunked_prefill and config.scheduler.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a prompt (or a recompute after preemption) must fit one step's token budget.
+            raise ConfigError(f"with chunked prefill off, max_num_batched_tokens "
+                              f"({config.scheduler.max_num_batched_tokens}) must be at least max_model_len "
+                              f"({self.max_model_len})")
 
     # ---- model and runner (a tensor-parallel engine overrides these two) ---------------------------------------
     def _load_model(self, source: ModelSource) -> GLMForCausalLM:
@@ -103,7 +106,7 @@ class Engine:
             wanted = self.config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
             num = min(wanted, CPU_DEFAULT_KV_CACHE_BYTES // per_block)
         if num < 1:
-            raise RequestError("kv_cache_memory", f"the KV cache budget holds no block of {per_block} bytes")
+            raise ConfigError(f"kv_cache_memory: the KV cache budget holds no block of {per_block} bytes")
         return int(num)
 
     def _profile_cuda_blocks(self, model, per_block: int) -> int:

@@ -53,6 +53,10 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use keep theirs), e.g. between benchmark rounds."""
+        self.engine.block_manager.reset_prefix_cache()
+
     def _run(self, token_lists: list[list[int]], sampling_params, chat: bool) -> list[RequestOutput]:
         params = _broadcast(sampling_params, len(token_lists))
         ids = []

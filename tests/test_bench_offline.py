@@ -61,3 +61,15 @@ def test_median_ratios_over_rounds():
                              EngineOverhead(1, 0.5, 0.4, 100, 1, 1, 0), hf_static=system("hf", 100 / static))
     rounds = [round_result(400, 200), round_result(300, 100), round_result(350, 200)]
     assert median_ratios(rounds) == {"vs_hf_static": 2.0}    # per-round ratios 2.0, 3.0 and 1.75
+
+
+def test_rounds_recompute_their_prompts(tmp_path):
+    import json
+
+    from glmserve.bench.cli import main
+    out = tmp_path / "rounds.json"
+    assert main(["offline", "--model", "glm-tiny", "--num-requests", "4", "--input-len", "20:40", "--output-len",
+                 "2:4", "--skip-hf", "--rounds", "2", "--threads", "1", "--out", str(out)]) == 0
+    rounds = json.loads(out.read_text())["rounds"]
+    # the second round finds nothing of the first in the prefix cache: it forwards every prompt token again
+    assert rounds[0]["overhead"]["num_forward_tokens"] == rounds[1]["overhead"]["num_forward_tokens"]

@@ -261,7 +261,8 @@ def test_offline_api_returns_logprobs_and_text(tiny_checkpoint):
 
 
 def test_unchunked_prefill_needs_a_budget_of_a_whole_context(tiny_checkpoint):
-    with pytest.raises(RequestError, match="max_num_batched_tokens"):
+    from glmserve.engine.config import ConfigError
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         make_engine(str(tiny_checkpoint), chunked_prefill=False, max_num_batched_tokens=512)
     engine = make_engine(str(tiny_checkpoint), chunked_prefill=False, max_num_batched_tokens=4096)
     prompts = random_prompts(3, 2000, (100, 300), seed=31)
