@@ -26,7 +26,7 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "offline": Subcommand("glmserve.bench.offline",
                           "offline throughput: glmserve against HF generate (static batches, one at a time)"),
-    "frontend": Subcommand("glmserve.bench.frontend", "frontend benchmark"),
+    "frontend": Subcommand("glmserve.bench.frontend", "the gRPC frontend's own cost: streams through gRPC vs in-process"),
     "serve": Subcommand("glmserve.bench.serve", "load-test a running gRPC server (latency, throughput, goodput)"),
     "long-context": Subcommand("glmserve.bench.long_context", "a 32768-token prompt on the CPU: time and peak memory"),
     "tp-memory": Subcommand("glmserve.bench.tp_memory", "per-rank weight memory under tensor parallelism (CPU, gloo)"),
