@@ -79,7 +79,7 @@ class FrontendResult:
 
 
 class _EmitTimes:
-    """Step listener: when each request's chunks left the engine (engine thread, one append per chunk)."""
+    """Step listener: when each request's tokens left the engine (engine thread, one append per step's token)."""
 
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = defaultdict(list)
@@ -89,6 +89,20 @@ class _EmitTimes:
         for out in outputs:
             if out.outputs[0].token_ids:
                 self.times[out.request_id].append(now)
+
+
+class _Receiver:
+    """The consumer side of one stream. A chunk may carry several tokens (a reader that falls behind gets pending
+    tokens merged), so tokens are counted one by one and a chunk's latency runs from the engine step that produced
+    its last token, whose stamp is ``emitted[tokens - 1]`` (one token per step per stream)."""
+
+    def __init__(self, emitted: list[float], latencies: list[float]):
+        self.emitted, self.latencies, self.tokens = emitted, latencies, 0
+
+    def chunk(self, num_tokens: int) -> None:
+        if num_tokens:
+            self.tokens += num_tokens
+            self.latencies.append(time.monotonic() - self.emitted[self.tokens - 1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -118,13 +132,10 @@ async def _engine_mode(engine: Engine, args, concurrency: int, salt: int) -> Mod
 
     async def one_stream(i: int) -> int:
         request_id = f"e{salt}-{i}"
-        received = []
-        stream = await async_engine.generate(request_id, prompts[i], params)
-        async for out in stream:
-            if out.outputs[0].token_ids:
-                received.append(time.monotonic())
-        latencies.extend(t - e for t, e in zip(received, emits.times[request_id]))
-        return len(received)
+        receiver = _Receiver(emits.times[request_id], latencies)
+        async for out in await async_engine.generate(request_id, prompts[i], params):
+            receiver.chunk(len(out.outputs[0].token_ids))
+        return receiver.tokens
 
     try:
         tokens, wall = await _run_streams(concurrency, one_stream)
@@ -141,13 +152,12 @@ async def _grpc_mode(server: GenerationServer, engine: Engine, args, concurrency
     async with AsyncGenerationClient(f"127.0.0.1:{server.port}") as client:
         async def one_stream(i: int) -> int:
             request_id = f"g{salt}-{i}"
-            received = []
+            receiver = _Receiver(emits.times[request_id], latencies)
             async for chunk in client.generate(prompt_token_ids=prompts[i],
                                                request_id=request_id, max_tokens=args.max_tokens, temperature=0.0,
                                                ignore_eos=True):
-                received.append(time.monotonic())
-            latencies.extend(t - e for t, e in zip(received, emits.times[request_id]))
-            return len(received)
+                receiver.chunk(len(chunk.token_ids))
+            return receiver.tokens
 
         try:
             tokens, wall = await _run_streams(concurrency, one_stream)
