@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import AttentionBackend, current_attention_metadata
 from .config import ModelConfig
+from .cpu_linear import Linear, PackedLinear
 from .parallel_layout import ShardLayout
 
 if TYPE_CHECKING:
@@ -81,8 +82,8 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         # Output rows are [Q: heads*D | K: groups*D | V: groups*D], contiguous, not interleaved per group.
-        self.query_key_value = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.add_qkv_bias)
-        self.dense = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.query_key_value = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.add_qkv_bias)
+        self.dense = Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         # Bound by the runner after the KV cache is allocated.
         self.k_cache: torch.Tensor | None = None   # [num_blocks, block_size, KVH, D]
@@ -106,8 +107,8 @@ class MLP(nn.Module):
         super().__init__()
         self.group = group
         # FIRST half of the output is the gate (SiLU), the second half the up projection.
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+        self.dense_h_to_4h = Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
+        self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
@@ -164,7 +165,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.embedding = Embedding(config, group, vocab_start)
         self.encoder = Encoder(config, group)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        # The largest matmul of a decode step: on the CPU it keeps a oneDNN-packed copy of its weight (cpu_linear.py).
+        self.output_layer = PackedLinear(config.hidden_size, config.padded_vocab_size, bias=False)
 
 
 class GLMForCausalLM(nn.Module):
@@ -206,22 +208,9 @@ class GLMForCausalLM(nn.Module):
 
         Sharded: every rank projects onto its vocabulary rows and rank 0 gathers them; the other ranks get None.
         """
-        logits = self._project_vocab(hidden)                # [N, this rank's vocabulary rows]
+        logits = self.transformer.output_layer(hidden)     # [N, this rank's vocabulary rows]
         if self.group is not None:
             logits = self.group.gather_last_dim(logits)
             if logits is None:
                 return None
         return logits.float()
-
-    def _project_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output layer. On a CPU it multiplies by a transposed copy of the weight ([hidden, vocab], made once
-        per weight version): CPU GEMMs stream the wide vocabulary matrix about 1.5x faster in that layout at
-        decode batch sizes (bench/RESULTS.md), and the output layer is the largest matmul of a step."""
-        weight = self.transformer.output_layer.weight
-        if weight.device.type != "cpu":
-            return self.transformer.output_layer(hidden)
-        cached = getattr(self, "_output_weight_t", None)
-        if cached is None or cached[0] != weight._version:
-            cached = (weight._version, weight.detach().t().contiguous())
-            self._output_weight_t = cached
-        return hidden @ cached[1]

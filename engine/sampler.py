@@ -42,6 +42,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
+        if self._plain_greedy(rows):
+            # Nothing to edit: the argmax over the real vocabulary, without copying [B, V] logits (the most common
+            # offline case; the copy cost about as much as the argmax).
+            return _output(logits[:, :self.vocab_size].argmax(dim=-1), None, rows)
         logits = logits.to(torch.float32, copy=True)  # edited in place below; the caller's tensor stays intact
         if logits.shape[1] > self.vocab_size:
             logits[:, self.vocab_size:] = NEG_INF
@@ -52,6 +56,13 @@ class Sampler:
         apply_penalties(logits, rows)
         token_ids = self._choose(logits, rows)
         return _output(token_ids, raw_logprobs, rows)
+
+    @staticmethod
+    def _plain_greedy(rows: Sequence[SamplingRow]) -> bool:
+        """Every row greedy, without logprobs, penalties or a pending min_tokens: an argmax is the whole job."""
+        return all(r.params.is_greedy and r.params.logprobs is None and r.params.repetition_penalty == 1.0
+                   and not r.params.presence_penalty and not r.params.frequency_penalty
+                   and len(r.output_token_ids) >= r.params.min_tokens for r in rows)
 
     def _mask_stops_before_min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         width = logits.shape[1]

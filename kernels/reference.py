@@ -33,8 +33,8 @@ def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, length: int) -
     """The first ``length`` cached tokens of one sequence: [length, KVH, D] (float32)."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    blocks = block_row[:num_blocks].long()
-    return cache[blocks].flatten(0, 1)[:length].float()
+    blocks = cache.index_select(0, block_row[:num_blocks].long())
+    return blocks.flatten(0, 1)[:length].float()
 
 
 def paged_decode_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -49,25 +49,28 @@ def paged_decode_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(query)
-    max_len = int(seq_lens.max())
     # Sequences are gathered into padded [b, L, KVH, D] tiles, a few at a time in order of length, so a tile pads
     # to a length close to its own sequences' (and its size stays bounded).
-    per_seq = max(1, max_len * num_kv_heads * head_dim)
-    step = max(1, min(_DECODE_GROUP, _SCORE_BUDGET // per_seq))
     order = torch.argsort(seq_lens)
+    sorted_lens = seq_lens[order].tolist()
+    per_seq = max(1, sorted_lens[-1] * num_kv_heads * head_dim)
+    step = max(1, min(_DECODE_GROUP, _SCORE_BUDGET // per_seq))
     for start in range(0, batch, step):
         rows = order[start:start + step]
-        lens = seq_lens[rows].long()
-        length = int(lens.max())
-        num_blocks = (length + block_size - 1) // block_size
-        blocks = block_tables[rows, :num_blocks].long()                            # [b, nb]
-        # [b, KVH, L, D] views of the gathered tokens; the G query heads of a group attend as G query rows.
-        keys = k_cache[blocks].flatten(1, 2)[:, :length].float().transpose(1, 2)
-        values = v_cache[blocks].flatten(1, 2)[:, :length].float().transpose(1, 2)
-        q = query[rows].float().view(len(rows), num_kv_heads, group, head_dim)
-        visible = torch.arange(length, device=query.device)[None, :] < lens[:, None]  # [b, L]
+        n = len(rows)
+        num_blocks = (sorted_lens[start + n - 1] + block_size - 1) // block_size   # the tile's longest sequence
+        padded_len = num_blocks * block_size
+        # index_select of whole blocks (measured ~1.5x faster than advanced indexing plus a cut to the exact
+        # length); positions past a sequence's length are masked instead, so a shorter row's unused table
+        # entries (0 or -1 padding) only need to be valid indices. [b, KVH, L, D] views.
+        blocks = block_tables[rows, :num_blocks].long().clamp_min(0).flatten()
+        keys = k_cache.index_select(0, blocks).view(n, padded_len, num_kv_heads, head_dim).float().transpose(1, 2)
+        values = v_cache.index_select(0, blocks).view(n, padded_len, num_kv_heads, head_dim).float().transpose(1, 2)
+        # The G query heads of a group attend as G query rows over the group's keys.
+        q = query[rows].float().view(n, num_kv_heads, group, head_dim)
+        visible = torch.arange(padded_len, device=query.device)[None, :] < seq_lens[rows, None]  # [b, L]
         ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
-        out[rows] = ctx.reshape(len(rows), num_heads, head_dim).to(query.dtype)
+        out[rows] = ctx.reshape(n, num_heads, head_dim).to(query.dtype)
     return out
 
 

@@ -49,6 +49,17 @@ def test_greedy_is_argmax_over_the_real_vocab(sampler):
     assert out.logprobs is None and out.top_logprobs is None
 
 
+def test_plain_greedy_shortcut_equals_the_full_path(sampler):
+    # All-greedy rows without logprobs take a no-copy argmax; asking one row for logprobs forces the full path.
+    logits = random_logits(8, seed=3)
+    logits[:, VOCAB:] = 100.0
+    before = logits.clone()
+    fast = sampler(logits, [row(SamplingParams(temperature=0.0)) for _ in range(8)])
+    full = sampler(logits, [row(SamplingParams(temperature=0.0, logprobs=0 if i == 0 else None)) for i in range(8)])
+    assert fast.token_ids == full.token_ids == logits[:, :VOCAB].argmax(-1).tolist()
+    assert torch.equal(logits, before)
+
+
 def test_caller_logits_unchanged(sampler):
     logits = random_logits(2)
     before = logits.clone()
