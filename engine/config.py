@@ -217,6 +217,7 @@ class EngineConfig:
     attention_backend: str = "auto"         # auto | torch | triton
     seed: int = 0
     tensor_parallel_size: int = 1
+    cuda_graphs: bool = False               # capture decode steps as CUDA graphs (CUDA, tensor_parallel_size 1)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -229,3 +230,7 @@ class EngineConfig:
             raise ConfigError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.cuda_graphs and not str(self.device).startswith("cuda"):
+            raise ConfigError(f"cuda_graphs needs a CUDA device, got device {self.device!r}")
+        if self.cuda_graphs and self.tensor_parallel_size > 1:
+            raise ConfigError("cuda_graphs runs with tensor_parallel_size 1 only (tensor-parallel workers run eagerly)")

@@ -56,6 +56,9 @@ class Engine:
                                         max_model_len=self.max_model_len, vocab_size=self.tokenizer.vocab_size,
                                         eos_token_id=self.tokenizer.eos_token_id,
                                         attention_backend=config.attention_backend)
+        if config.cuda_graphs:
+            from .cuda_graph import CudaGraphCapture
+            self.runner.enable_decode_graphs(CudaGraphCapture(self.device), config.scheduler.max_num_seqs)
         self.block_manager = BlockManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
                                    self.tokenizer.eos_token_id)

@@ -17,11 +17,12 @@ class LLM:
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 128,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 attention_backend: str = "auto", seed: int = 0, tensor_parallel_size: int = 1):
+                 attention_backend: str = "auto", seed: int = 0, tensor_parallel_size: int = 1,
+                 cuda_graphs: bool = False):
         config = EngineConfig(
             model=model, load_format=load_format, tokenizer=tokenizer, device=device, dtype=dtype,
             attention_backend=attention_backend, seed=seed, tensor_parallel_size=tensor_parallel_size,
-            cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+            cuda_graphs=cuda_graphs, cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -55,20 +55,19 @@ class RotaryEmbedding:
         self.sin = angles.sin().float()
         self.rotary_dim = rotary_dim
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]. Returns a new tensor of x's dtype."""
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, rot/2] at ``positions`` [T]: done once per forward pass and shared by every layer
+        (an explicit value, not a cache keyed on the tensor, so a captured CUDA graph records the lookup)."""
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
+    def __call__(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [T, heads, head_dim]; cos_sin from ``lookup``. Returns a new tensor of x's dtype."""
         rot = self.rotary_dim
-        cos, sin = self._lookup(positions)                                  # [T, 1, rot/2] each
+        cos, sin = cos_sin                                                  # [T, 1, rot/2] each
         pairs = x[..., :rot].float().unflatten(-1, (rot // 2, 2))        # [T, heads, rot/2, 2]
         x0, x1 = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
         return torch.cat((rotated.to(x.dtype), x[..., rot:]), dim=-1)
-
-    def _lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Every layer of a forward pass rotates at the same positions: look them up once per positions tensor.
-        if getattr(self, "_last", None) is None or self._last[0] is not positions:
-            self._last = (positions, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
-        return self._last[1], self._last[2]
 
 
 class SelfAttention(nn.Module):
@@ -91,10 +90,11 @@ class SelfAttention(nn.Module):
         self.backend: AttentionBackend | None = None
         self.rotary: RotaryEmbedding | None = None
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        """rope: this pass's (cos, sin) from ``RotaryEmbedding.lookup``; hidden: [T, hidden]."""
         qkv = self.query_key_value(hidden)                                  # [T, (H + 2*KVH) * D]
         # Q and K heads are adjacent rows of the fused output: one rotary pass over [T, H + KVH, D].
-        qk = self.rotary(qkv[:, :self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim)), positions)
+        qk = self.rotary(qkv[:, :self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim)), rope)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].unflatten(-1, (self.num_kv_heads, self.head_dim))
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, current_attention_metadata(), self.scale)
@@ -124,8 +124,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config, group)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attention(positions, self.input_layernorm(x))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(rope, self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -199,8 +199,9 @@ class GLMForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden] (after the final norm)."""
         x = self.transformer.embedding(input_ids)
+        rope = self.attention_layers[0].rotary.lookup(positions)     # shared by every layer
         for layer in self.transformer.encoder.layers:
-            x = layer(positions, x)
+            x = layer(rope, x)
         return self.transformer.encoder.final_layernorm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

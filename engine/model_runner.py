@@ -11,6 +11,7 @@ import torch
 
 from .attention import AttentionMetadata, attention_context, make_attention_backend
 from .config import ModelConfig
+from .cuda_graph import DecodeGraphs, GraphCapture
 from .model import GLMForCausalLM
 from .request import Request
 from .sampler import Sampler, SamplerOutput, SamplingRow
@@ -52,7 +53,15 @@ class ModelRunner:
                           for _ in range(self.config.num_layers)]
         self.backend = make_attention_backend(attention_backend, self.device)
         model.bind_runtime(self.backend, self.kv_caches, max_model_len)
+        self.max_model_len = max_model_len
         self.sampler = Sampler(vocab_size, eos_token_id)
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, capture: GraphCapture, max_batch: int) -> None:
+        """Capture decode-only forwards for up to ``max_batch`` sequences (cuda_graph.py); later decode-only
+        steps that fit replay them, every other step runs eagerly."""
+        self.decode_graphs = DecodeGraphs(self.model, max_batch=max_batch, max_model_len=self.max_model_len,
+                                          block_size=self.block_size, device=self.device, capture=capture)
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -105,8 +114,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run_model(self, inputs: ModelInputs) -> torch.Tensor | None:
         """The forward pass and the logits of ``inputs.logits_indices`` (None when there are none to compute)."""
-        with attention_context(inputs.attention):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.fits(inputs.input_ids, inputs.attention):
+            hidden = graphs.forward(inputs.input_ids, inputs.positions, inputs.attention)
+        else:
+            with attention_context(inputs.attention):
+                hidden = self.model(inputs.input_ids, inputs.positions)
         if not inputs.logits_indices.numel():
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])
