@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "serve": Subcommand("glmserve.bench.serve", "load-test a running gRPC server (latency, throughput, goodput)"),
     "long-context": Subcommand("glmserve.bench.long_context", "a 32768-token prompt on the CPU: time and peak memory"),
     "tp-memory": Subcommand("glmserve.bench.tp_memory", "per-rank weight memory under tensor parallelism (CPU, gloo)"),
+    "cpu-linear": Subcommand("glmserve.bench.cpu_linear",
+                             "CPU fp32 linears: F.linear (MKL) against oneDNN, as stored and prepacked"),
     "decode": Subcommand("glmserve.bench.decode_throughput",
                          "end-to-end decode throughput against the bandwidth roofline and HF generate (GPU)"),
 }

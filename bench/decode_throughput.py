@@ -4,7 +4,9 @@
 A decode step must stream every weight once plus each sequence's KV cache, so its lower bound is
 ``(weight bytes + KV bytes) / peak bandwidth``. The baseline is HF ``GlmForCausalLM.generate`` with a static
 batch of the same size on the same weights; its per-step time is the difference of two generate calls divided by
-the extra steps. ``--device cpu --model glm-tiny`` runs the same path as a smoke test.
+the extra steps. On CUDA every point is measured twice on the same engine: eager, and with decode steps replayed
+as CUDA graphs (``--no-cuda-graphs`` skips the second). ``--device cpu --model glm-tiny`` runs the same path as
+a smoke test.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ class DecodePoint:
     roofline_ratio: float | None          # measured step time / roofline step time (1.0 is the bound)
     hf_step_ms: float | None = None
     speedup_vs_hf: float | None = None
+    graph_step_ms: float | None = None        # the same steps replayed as CUDA graphs
+    graph_roofline_ratio: float | None = None
+    graph_speedup_vs_eager: float | None = None
 
 
 @dataclass
@@ -51,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--peak-gbps", type=float, default=None, help="default: from the device name")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="measure eager steps only (on CUDA both are measured by default)")
     parser.add_argument("--out", default=None)
 
 
@@ -121,9 +128,13 @@ def run(args: argparse.Namespace) -> int:
     from glmserve.engine.llm import LLM
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     blocks = max(sizes) * -(-(args.context + args.decode_steps + 8) // 16)
+    graphs = args.cuda_graphs and args.device == "cuda"
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=max(sizes),
-              max_num_batched_tokens=max(2048, args.context), num_kv_blocks=blocks, enable_prefix_caching=False)
+              max_num_batched_tokens=max(2048, args.context), num_kv_blocks=blocks, enable_prefix_caching=False,
+              cuda_graphs=graphs)
     engine = llm.engine
+    captured = engine.runner.decode_graphs
+    engine.runner.decode_graphs = None          # eager first; the captured graphs are put back for their run
     device = engine.device
     peak = args.peak_gbps or ((detect_peak_gbps(torch.cuda.get_device_name(device)) or 0.0) if device.type == "cuda"
                               else 0.0)
@@ -137,16 +148,27 @@ def run(args: argparse.Namespace) -> int:
         roofline_ms = round(bytes_per_step / (peak * 1e9) * 1e3, 3) if peak else None
         point = DecodePoint(batch, args.context, round(step_ms, 3), round(batch / step_ms * 1e3, 1),
                             roofline_ms, round(step_ms / roofline_ms, 3) if roofline_ms else None)
+        if captured is not None:
+            engine.runner.decode_graphs = captured
+            replays = captured.replays
+            graph_ms = measure_engine_step(engine, batch, args.context, args.decode_steps)
+            engine.runner.decode_graphs = None
+            if captured.replays - replays < args.decode_steps:
+                raise RuntimeError("the CUDA-graph run did not replay its decode steps")
+            point.graph_step_ms = round(graph_ms, 3)
+            point.graph_roofline_ratio = round(graph_ms / roofline_ms, 3) if roofline_ms else None
+            point.graph_speedup_vs_eager = round(step_ms / graph_ms, 3)
         if not args.skip_hf:
             point.hf_step_ms = round(measure_hf_step(engine, batch, args.context, args.decode_steps), 3)
             point.speedup_vs_hf = round(point.hf_step_ms / step_ms, 3)
         result.points.append(point)
         print(f"batch {batch:3d} x ctx {args.context}: {step_ms:8.3f} ms/step, {point.tokens_per_s:9.1f} tok/s, "
               f"roofline {roofline_ms} ms (x{point.roofline_ratio}), HF {point.hf_step_ms} ms/step "
-              f"(speedup {point.speedup_vs_hf})", flush=True)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(asdict(result), f, indent=2)
+              f"(speedup {point.speedup_vs_hf}); CUDA graphs {point.graph_step_ms} ms/step "
+              f"(x{point.graph_roofline_ratio} of roofline)", flush=True)
+        if args.out:     # after every point: a run cut short by its time limit still leaves what it measured
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(asdict(result), f, indent=2)
     return 0
 
 

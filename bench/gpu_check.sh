@@ -2,9 +2,9 @@
 # One prepared check for a GPU machine that already has torch and triton (no network needed):
 #   bench/gpu_check.sh [RESULTS_DIR]        (default: $OUT)
 # 1. installs this checkout in editable mode (no dependencies, no build isolation)
-# 2. runs the kernel tests compiled on the GPU (log in RESULTS_DIR)
+# 2. runs the kernel tests compiled on the GPU and the CUDA-graph test (log in RESULTS_DIR)
 # 3. runs the kernel benchmark (RESULTS_DIR/kernels.json)
-# 4. runs the end-to-end decode benchmark at ChatGLM3-6B shape (RESULTS_DIR/decode.json)
+# 4. runs the end-to-end decode benchmark at ChatGLM3-6B shape, eager and with CUDA graphs (RESULTS_DIR/decode.json)
 # A failing step does not stop the later ones; the script exits 1 if any step failed. Each step has a time
 # limit so the whole check stays under 8 minutes. It writes 8 files (the device tool brings back at most 8).
 set -u
@@ -44,9 +44,9 @@ run_step() {
     | tee "$RESULTS/env.log"
 "$PYTHON" -c 'import triton; print("triton", triton.__version__)' | tee -a "$RESULTS/env.log"
 
-run_step install 45 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
-run_step kernel_tests 150 "$PYTHON" -m pytest -q tests/kernels
-run_step kernel_bench 120 "$PYTHON" -m glmserve.bench.kernels --out "$RESULTS/kernels.json"
+run_step install 40 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
+run_step kernel_tests 140 "$PYTHON" -m pytest -q tests/kernels tests/test_cuda_graph.py
+run_step kernel_bench 100 "$PYTHON" -m glmserve.bench.kernels --out "$RESULTS/kernels.json"
 run_step decode_bench 150 "$PYTHON" -m glmserve.bench.decode_throughput --out "$RESULTS/decode.json"
 
 echo

@@ -1,0 +1,107 @@
+"""CPU float32 linears: torch's ``F.linear`` (MKL) against oneDNN with the weight as stored and prepacked.
+
+``glmserve-bench cpu-linear [--shapes 65024x512,2736x512,...] [--rows 8,64,512]`` prints milliseconds per call
+and multiply-adds per second for each (out x in) weight shape and row count, and the largest |difference| of each
+oneDNN result from F.linear's (the numerics check). It is the measurement behind ``engine/cpu_linear.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from glmserve.engine import cpu_linear
+
+from .machine import cpu_model_name
+
+# glm-small's matmuls: output layer, h_to_4h, 4h_to_h, query_key_value, dense.
+DEFAULT_SHAPES = "65024x512,2736x512,512x1368,768x512,512x512"
+
+
+@dataclass
+class LinearPoint:
+    out_features: int
+    in_features: int
+    rows: int
+    f_linear_ms: float
+    onednn_ms: float
+    onednn_packed_ms: float
+    f_linear_gmacs: float
+    onednn_packed_gmacs: float
+    max_abs_diff: float          # largest |oneDNN - F.linear| over both oneDNN variants
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated OUTxIN weight shapes")
+    parser.add_argument("--rows", default="8,64,512", help="comma-separated input row counts")
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=None)
+
+
+def _time_ms(fn, iterations: int) -> float:
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    return (time.perf_counter() - start) / iterations * 1e3
+
+
+@torch.inference_mode()
+def measure(out_features: int, in_features: int, rows: int, iterations: int) -> LinearPoint:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+    onednn = cpu_linear._onednn_linear
+    reference = F.linear(x, weight)
+    diff = max((onednn(x, weight, None) - reference).abs().max().item(),
+               (onednn(x, packed, None) - reference).abs().max().item())
+    f_ms = _time_ms(lambda: F.linear(x, weight), iterations)
+    plain_ms = _time_ms(lambda: onednn(x, weight, None), iterations)
+    packed_ms = _time_ms(lambda: onednn(x, packed, None), iterations)
+    macs = rows * out_features * in_features
+    return LinearPoint(out_features, in_features, rows, round(f_ms, 3), round(plain_ms, 3), round(packed_ms, 3),
+                       round(macs / f_ms / 1e6, 1), round(macs / packed_ms / 1e6, 1), diff)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not cpu_linear.onednn_linear_supported():
+        print("glmserve-bench cpu-linear: error: this torch build has no working oneDNN linear", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"cpu-linear: fp32, {torch.get_num_threads()} threads on {cpu_model_name()}, torch {torch.__version__}")
+    print(f"{'weight':>12} {'rows':>5} {'F.linear ms':>12} {'oneDNN ms':>10} {'packed ms':>10} "
+          f"{'F.linear GMAC/s':>16} {'packed GMAC/s':>14} {'max|diff|':>10}")
+    points = []
+    for out_features, in_features in shapes:
+        for n in rows:
+            p = measure(out_features, in_features, n, args.iterations)
+            points.append(p)
+            print(f"{out_features:>6}x{in_features:<5} {n:>5} {p.f_linear_ms:>12.3f} {p.onednn_ms:>10.3f} "
+                  f"{p.onednn_packed_ms:>10.3f} {p.f_linear_gmacs:>16.1f} {p.onednn_packed_gmacs:>14.1f} "
+                  f"{p.max_abs_diff:>10.2e}", flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "points": [asdict(p) for p in points]}, f, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glmserve-bench cpu-linear", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
