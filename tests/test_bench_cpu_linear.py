@@ -1,0 +1,34 @@
+"""``glmserve-bench cpu-linear`` end to end on tiny shapes (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glmserve.bench.cli import main
+from glmserve.engine import cpu_linear
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_linear_supported(), reason="no working oneDNN linear in this torch")
+def test_cpu_linear_benchmark_writes_every_point(tmp_path, capsys):
+    out = tmp_path / "cpu_linear.json"
+    assert main(["cpu-linear", "--shapes", "96x32,40x64", "--rows", "1,9", "--iterations", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    shapes = [(p["out_features"], p["in_features"], p["rows"]) for p in result["points"]]
+    assert shapes == [(96, 32, 1), (96, 32, 9), (40, 64, 1), (40, 64, 9)]
+    for point in result["points"]:
+        assert point["max_abs_diff"] < 1e-4            # oneDNN and F.linear agree to fp32 rounding
+        assert point["f_linear_ms"] > 0 and point["onednn_packed_ms"] > 0
+    assert "F.linear ms" in capsys.readouterr().out
+
+
+def test_cpu_linear_benchmark_without_onednn_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv(cpu_linear.ENV_SWITCH, "0")
+    cpu_linear.onednn_linear_supported.cache_clear()
+    try:
+        assert main(["cpu-linear", "--shapes", "8x8", "--rows", "1"]) == 2
+    finally:
+        monkeypatch.delenv(cpu_linear.ENV_SWITCH)
+        cpu_linear.onednn_linear_supported.cache_clear()
+    assert "no working oneDNN linear" in capsys.readouterr().err
