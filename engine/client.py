@@ -201,20 +201,33 @@ SERVING = health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthChe
 
 
 # ---- the clients --------------------------------------------------------------------------------------------------
-class GenerationClient:
+class _ClientChannel:
+    """What both clients share: the channel (plain or TLS), the stubs, the API-key metadata, the default deadline.
+    ``grpc_module`` is ``grpc`` (blocking) or ``grpc.aio``."""
+
+    def __init__(self, grpc_module, target: str, *, api_key: str | None, tls: bool,
+                 root_certificates: bytes | None, timeout: float | None, max_message_bytes: int):
+        target, credentials, options = _channel_args(target, tls, root_certificates, max_message_bytes)
+        self._channel = (grpc_module.secure_channel(target, credentials, options) if credentials
+                         else grpc_module.insecure_channel(target, options))
+        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = _metadata(api_key)
+        self._timeout = timeout
+
+    def _call(self, method, request, timeout):
+        return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+
+
+class GenerationClient(_ClientChannel):
     """Blocking client. ``tls`` (or ``root_certificates``, PEM bytes) for a TLS server; ``api_key`` is sent as
     ``authorization: Bearer <key>``; ``timeout`` (seconds) is the default deadline of every call."""
 
     def __init__(self, target: str, *, api_key: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        target, credentials, options = _channel_args(target, tls, root_certificates, max_message_bytes)
-        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
-                         else grpc.insecure_channel(target, options))
-        self._stub = pb_grpc.GenerationStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._metadata = _metadata(api_key)
-        self._timeout = timeout
+        super().__init__(grpc, target, api_key=api_key, tls=tls, root_certificates=root_certificates,
+                         timeout=timeout, max_message_bytes=max_message_bytes)
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None, stream: bool = True,
                  request_id: str = "", priority: int = 0, timeout: float | None = None,
@@ -268,9 +281,6 @@ class GenerationClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request, timeout):
-        return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
-
 
 def _iterate(call) -> Iterator[Chunk]:
     try:
@@ -280,20 +290,15 @@ def _iterate(call) -> Iterator[Chunk]:
         call.cancel()   # a no-op once the call is done; otherwise it aborts the request on the server
 
 
-class AsyncGenerationClient:
+class AsyncGenerationClient(_ClientChannel):
     """The asyncio twin of :class:`GenerationClient` (without ``wait_ready``): ``generate``/``chat`` return async
     iterators, the other calls are coroutines."""
 
     def __init__(self, target: str, *, api_key: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        target, credentials, options = _channel_args(target, tls, root_certificates, max_message_bytes)
-        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
-                         else grpc.aio.insecure_channel(target, options))
-        self._stub = pb_grpc.GenerationStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._metadata = _metadata(api_key)
-        self._timeout = timeout
+        super().__init__(grpc.aio, target, api_key=api_key, tls=tls, root_certificates=root_certificates,
+                         timeout=timeout, max_message_bytes=max_message_bytes)
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None, stream: bool = True,
                  request_id: str = "", priority: int = 0, timeout: float | None = None,
@@ -333,9 +338,6 @@ class AsyncGenerationClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-    def _call(self, method, request, timeout):
-        return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
 
 
 async def _aiterate(call) -> AsyncIterator[Chunk]:
