@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV_SWITCH = "GLMSERVE_ONEDNN_LINEAR"
+# oneDNN costs ~13-15 us more per call than F.linear (`glmserve-bench cpu-linear` on small shapes), which only
+# pays off once the matmul has about 4 M multiply-adds (rows x in x out): below that F.linear is as fast or faster.
+MIN_MULTIPLY_ADDS = 1 << 22
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,6 +54,7 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Inference only (the op has no backward), fp32 on the CPU only: other dtypes keep torch's numerics.
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.numel() * weight.shape[0] >= MIN_MULTIPLY_ADDS        # rows x in x out
             and not (torch.is_grad_enabled() and weight.requires_grad) and onednn_linear_supported())
 
 

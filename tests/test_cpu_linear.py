@@ -32,15 +32,29 @@ def test_matches_float64_reference(cls, bias, rows):
     torch.testing.assert_close(out.double(), _float64_reference(layer, x), rtol=1e-5, atol=1e-5)
 
 
-@needs_onednn
-def test_linear_runs_onednn_under_inference(monkeypatch):
+@pytest.fixture
+def onednn_calls(monkeypatch):
     calls = []
     real = cpu_linear._onednn_linear
     monkeypatch.setattr(cpu_linear, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
-    layer = Linear(16, 8)
+    return calls
+
+
+@needs_onednn
+def test_large_matmuls_run_onednn_small_ones_f_linear(onednn_calls):
+    layer = Linear(512, 256)                        # 131072 multiply-adds per row
     with torch.inference_mode():
-        layer(torch.randn(3, 16))
-    assert calls == [1]
+        layer(torch.randn(32, 512))                 # 4.2 M: oneDNN
+        assert onednn_calls == [1]
+        layer(torch.randn(31, 512))                 # 4.06 M < 2**22: F.linear, oneDNN's fixed cost would not pay
+        assert onednn_calls == [1]
+
+
+@pytest.fixture(autouse=True)
+def every_size_on_onednn(monkeypatch, request):
+    # The numerics tests use small shapes: lower the size threshold so that they exercise oneDNN.
+    if "onednn_calls" not in request.fixturenames:
+        monkeypatch.setattr(cpu_linear, "MIN_MULTIPLY_ADDS", 0)
 
 
 @needs_onednn
