@@ -33,7 +33,7 @@ setup(
     package_dir=PACKAGE_DIRS,
     package_data={"glmserve.engine": ["assets/*"], "glmserve.proto": ["*.proto"], "glmserve.bench": ["*.sh", "data/*"]},
     install_requires=[
-        "torch>=2.3,<3",
+        "torch>=2.5,<3",   # scaled_dot_product_attention(enable_gqa=...)
         "triton>=3.0",
         "sentencepiece>=0.1.99",
         "numpy>=1.24",

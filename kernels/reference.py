@@ -83,9 +83,7 @@ def paged_extend_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     queries are its last ``n_b`` tokens (positions ``seq_lens[b]-n_b .. seq_lens[b]-1``); their K/V must already
     be in the cache. Serves full prefill, chunked prefill and prefix-cache hits alike. Returns [T, H, D].
     """
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    num_heads = query.shape[1]
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -94,20 +92,19 @@ def paged_extend_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
         num_q = q_end - q_start
         if num_q == 0:
             continue
-        keys = _gather_context(k_cache, block_tables[b], length).transpose(0, 1)   # [KVH, L, D]
-        values = _gather_context(v_cache, block_tables[b], length).transpose(0, 1)
+        keys = _gather_context(k_cache, block_tables[b], length).transpose(0, 1)[None]   # [1, KVH, L, D]
+        values = _gather_context(v_cache, block_tables[b], length).transpose(0, 1)[None]
         first_pos = length - num_q
         tile = max(1, _SCORE_BUDGET // max(1, num_heads * length))
         for t0 in range(0, num_q, tile):
             t1 = min(num_q, t0 + tile)
             visible = first_pos + t1                                               # keys this tile can see
-            # [KVH, G*t, D]: a group's query heads and tokens are rows of one attention over the group's keys.
-            q = query[q_start + t0:q_start + t1].float().view(t1 - t0, num_kv_heads, group, head_dim)
-            q = q.permute(1, 2, 0, 3).reshape(num_kv_heads, group * (t1 - t0), head_dim)
-            q_pos = torch.arange(first_pos + t0, first_pos + t1, device=query.device).repeat(group)
-            causal = torch.arange(visible, device=query.device)[None, :] <= q_pos[:, None]   # [G*t, l]
-            ctx = F.scaled_dot_product_attention(q, keys[:, :visible], values[:, :visible], attn_mask=causal,
-                                                 scale=scale)                                # [KVH, G*t, D]
-            ctx = ctx.view(num_kv_heads, group, t1 - t0, head_dim).permute(2, 0, 1, 3)
-            out[q_start + t0:q_start + t1] = ctx.reshape(t1 - t0, num_heads, head_dim).to(query.dtype)
+            q = query[q_start + t0:q_start + t1].float().transpose(0, 1)[None]    # [1, H, t, D]
+            q_pos = torch.arange(first_pos + t0, first_pos + t1, device=query.device)
+            causal = torch.arange(visible, device=query.device)[None, :] <= q_pos[:, None]   # [t, l]
+            # enable_gqa: query head h reads KV head h // G without a copy of K/V per head (measured 1.3-4x
+            # faster on the CPU than folding a group's heads into query rows with a [G*t, l] mask).
+            ctx = F.scaled_dot_product_attention(q, keys[:, :, :visible], values[:, :, :visible], attn_mask=causal,
+                                                 scale=scale, enable_gqa=True)           # [1, H, t, D]
+            out[q_start + t0:q_start + t1] = ctx[0].transpose(0, 1).to(query.dtype)
     return out
