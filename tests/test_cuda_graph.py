@@ -108,9 +108,12 @@ def test_cuda_graphs_equal_eager_on_gpu(tiny_checkpoint):
     prompts = random_prompts(20, 2000, (3, 60), seed=2)
     outputs = {}
     for graphs in (False, True):
-        llm = LLM(str(tiny_checkpoint), device="cuda", dtype="float32", max_num_seqs=16, cuda_graphs=graphs)
+        # An explicit pool: sized by gpu_memory_utilization, each engine would claim 90% of the card.
+        llm = LLM(str(tiny_checkpoint), device="cuda", dtype="float32", max_num_seqs=16, num_kv_blocks=256,
+                  cuda_graphs=graphs)
         outputs[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts,
                                                                         sampling_params=params)]
         if graphs:
             assert llm.engine.runner.decode_graphs.replays > 0
+        del llm
     assert outputs[True] == outputs[False]
