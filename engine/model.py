@@ -183,6 +183,7 @@ class GLMForCausalLM(nn.Module):
         self.config = self.shard.local_config
         self.group = group
         self.transformer = Transformer(self.config, group, self.shard.vocab_start)
+        self.rotary: RotaryEmbedding | None = None      # set by bind_runtime
 
     @property
     def attention_layers(self) -> list[SelfAttention]:
@@ -193,13 +194,14 @@ class GLMForCausalLM(nn.Module):
         """Attach the attention backend, each layer's KV cache and the rotary table (after weights are loaded)."""
         device = self.transformer.output_layer.weight.device
         rotary = RotaryEmbedding(self.config.rotary_dim, self.config.rope_base, max_positions, device)
+        self.rotary = rotary     # forward looks the positions up once; every layer rotates with that lookup
         for attn, (k_cache, v_cache) in zip(self.attention_layers, kv_caches, strict=True):
             attn.backend, attn.k_cache, attn.v_cache, attn.rotary = backend, k_cache, v_cache, rotary
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden] (after the final norm)."""
         x = self.transformer.embedding(input_ids)
-        rope = self.attention_layers[0].rotary.lookup(positions)     # shared by every layer
+        rope = self.rotary.lookup(positions)                         # shared by every layer
         for layer in self.transformer.encoder.layers:
             x = layer(rope, x)
         return self.transformer.encoder.final_layernorm(x)
