@@ -44,6 +44,20 @@ def chatglm3_tokenizer_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_tokenizer(chatglm3_tokenizer_path):
+    """The official ChatGLM3 tokenizer (skips without it)."""
+    from glmserve.engine.tokenizer import ChatGLMTokenizer
+    return ChatGLMTokenizer.from_file(chatglm3_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The embedded tokenizer of the glm-tiny demo model."""
+    from glmserve.engine.tokenizer import ChatGLMTokenizer, embedded_tokenizer_path
+    return ChatGLMTokenizer.from_file(embedded_tokenizer_path())
+
+
+@pytest.fixture(scope="session")
 def chatglm3_golden() -> dict:
     folder = find_chatglm3_dir()
     if folder is None or not (folder / "golden.json").is_file():

@@ -19,16 +19,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def real(chatglm3_tokenizer_path) -> ChatGLMTokenizer:
-    return ChatGLMTokenizer.from_file(chatglm3_tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ChatGLMTokenizer:
-    return ChatGLMTokenizer.from_file(embedded_tokenizer_path())
-
-
 def stream(tok: ChatGLMTokenizer, ids: list[int], **kwargs) -> list[str]:
     detok = IncrementalDetokenizer(tok, **kwargs)
     deltas = [detok.add(i) for i in ids] + [detok.flush()]
@@ -45,18 +35,18 @@ OPTIONS = [dict(), dict(skip_special_tokens=False), dict(strip_reply_prefix=True
 
 
 # ---- the official decode case -------------------------------------------------------------------------------
-def test_golden_reply_streams_to_the_official_text(real, chatglm3_golden):
+def test_golden_reply_streams_to_the_official_text(real_tokenizer, chatglm3_golden):
     case = chatglm3_golden["decode"][0]
-    raw = stream(real, case["token_ids"])
+    raw = stream(real_tokenizer, case["token_ids"])
     assert "".join(raw) == case["raw_text"]
-    clean = stream(real, case["token_ids"], strip_reply_prefix=True)
+    clean = stream(real_tokenizer, case["token_ids"], strip_reply_prefix=True)
     assert "".join(clean) == case["response_text"]
     assert not any(REPLACEMENT in d for d in raw + clean)
     assert "👋" in clean  # its four byte pieces come out as one delta
 
 
 # ---- equality with the full decode, no U+FFFD for valid text ------------------------------------------------
-@pytest.mark.parametrize("fixture", ["real", "tiny"])
+@pytest.mark.parametrize("fixture", ["real_tokenizer", "tiny_tokenizer"])
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "specials", "reply"])
 def test_stream_equals_decode(fixture, text, options, request):
@@ -67,7 +57,7 @@ def test_stream_equals_decode(fixture, text, options, request):
     assert not any(REPLACEMENT in d for d in deltas)
 
 
-@pytest.mark.parametrize("fixture", ["real", "tiny"])
+@pytest.mark.parametrize("fixture", ["real_tokenizer", "tiny_tokenizer"])
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "specials", "reply"])
 def test_stream_across_special_tokens(fixture, options, request):
     tok: ChatGLMTokenizer = request.getfixturevalue(fixture)
@@ -78,22 +68,22 @@ def test_stream_across_special_tokens(fixture, options, request):
         assert "".join(stream(tok, ids, **options)) == expected(tok, ids, **options)
 
 
-def test_bytes_are_held_until_the_character_completes(tiny):
-    ids = tiny.encode("a🦖", add_special_tokens=False)
-    byte_ids = [i for i in ids if tiny.byte_value(i) is not None]
+def test_bytes_are_held_until_the_character_completes(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("a🦖", add_special_tokens=False)
+    byte_ids = [i for i in ids if tiny_tokenizer.byte_value(i) is not None]
     assert len(byte_ids) == 4
-    detok = IncrementalDetokenizer(tiny)
+    detok = IncrementalDetokenizer(tiny_tokenizer)
     deltas = [detok.add(i) for i in ids]
     assert deltas[-4:] == ["", "", "", "🦖"]
 
 
-def test_reply_prefix_is_held_until_decided(tiny):
-    detok = IncrementalDetokenizer(tiny, strip_reply_prefix=True)
-    newline = tiny.byte_token_id(0x0A)
+def test_reply_prefix_is_held_until_decided(tiny_tokenizer):
+    detok = IncrementalDetokenizer(tiny_tokenizer, strip_reply_prefix=True)
+    newline = tiny_tokenizer.byte_token_id(0x0A)
     assert detok.add(newline) == ""  # could still be the start of "\n "
     assert detok.flush() == ""
-    detok = IncrementalDetokenizer(tiny, strip_reply_prefix=True)
-    assert detok.add(tiny.encode("H", add_special_tokens=False)[-1]) == "H"  # not a newline: released at once
+    detok = IncrementalDetokenizer(tiny_tokenizer, strip_reply_prefix=True)
+    assert detok.add(tiny_tokenizer.encode("H", add_special_tokens=False)[-1]) == "H"  # not a newline: released at once
 
 
 # ---- invalid byte sequences decode like the full decode ----------------------------------------------------
@@ -104,30 +94,30 @@ def test_reply_prefix_is_held_until_decided(tiny):
     [0xC0, 0x80, 0xF8, 0xFF],       # never valid in UTF-8
     [0xF0, 0x9F, 0xA6, 0x96, 0x96],  # a complete emoji and one extra continuation byte
 ])
-def test_invalid_bytes_match_decode(tiny, byte_values):
-    ids = tiny.encode("x", add_special_tokens=False) + [tiny.byte_token_id(b) for b in byte_values]
-    for tail in ([], tiny.encode("y", add_special_tokens=False), [tiny.special_token_ids["eop"]]):
+def test_invalid_bytes_match_decode(tiny_tokenizer, byte_values):
+    ids = tiny_tokenizer.encode("x", add_special_tokens=False) + [tiny_tokenizer.byte_token_id(b) for b in byte_values]
+    for tail in ([], tiny_tokenizer.encode("y", add_special_tokens=False), [tiny_tokenizer.special_token_ids["eop"]]):
         for options in OPTIONS:
-            assert "".join(stream(tiny, ids + tail, **options)) == expected(tiny, ids + tail, **options)
+            assert "".join(stream(tiny_tokenizer, ids + tail, **options)) == expected(tiny_tokenizer, ids + tail, **options)
 
 
-def test_truncated_character_is_not_shown_before_the_end(tiny):
-    ids = tiny.encode("x", add_special_tokens=False) + [tiny.byte_token_id(b) for b in (0xF0, 0x9F, 0xA6)]
-    detok = IncrementalDetokenizer(tiny)
+def test_truncated_character_is_not_shown_before_the_end(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("x", add_special_tokens=False) + [tiny_tokenizer.byte_token_id(b) for b in (0xF0, 0x9F, 0xA6)]
+    detok = IncrementalDetokenizer(tiny_tokenizer)
     assert REPLACEMENT not in "".join(detok.add(i) for i in ids)
     assert detok.flush() == REPLACEMENT * 3  # as sentencepiece decodes each dangling byte
 
 
-def test_random_sequences_match_decode(tiny):
+def test_random_sequences_match_decode(tiny_tokenizer):
     """Random ids, biased toward byte pieces, the ▁ piece and special/control ids, where decoding is subtle."""
     rng = random.Random(1234)
-    n = tiny.vocab_size
-    space = tiny.encode(" ", add_special_tokens=False)
+    n = tiny_tokenizer.vocab_size
+    space = tiny_tokenizer.encode(" ", add_special_tokens=False)
     pools = [list(range(3, 259)), list(range(259, n - 9)), list(range(n - 9, n)), [0, 1, 2], space]
     for _ in range(300):
         ids = [rng.choice(rng.choices(pools, weights=[6, 6, 1, 1, 2])[0]) for _ in range(rng.randint(0, 30))]
         for options in OPTIONS:
-            assert "".join(stream(tiny, ids, **options)) == expected(tiny, ids, **options), ids
+            assert "".join(stream(tiny_tokenizer, ids, **options)) == expected(tiny_tokenizer, ids, **options), ids
 
 
 # ---- cost and misuse ----------------------------------------------------------------------------------------
@@ -142,17 +132,17 @@ class CountingTokenizer(ChatGLMTokenizer):
         return super().decode(ids, skip_special_tokens)
 
 
-def test_each_step_decodes_only_a_few_ids(tiny):
+def test_each_step_decodes_only_a_few_ids(tiny_tokenizer):
     counting = CountingTokenizer.from_file(embedded_tokenizer_path())
     ids = counting.encode(" ".join(TEXTS) * 20)
     assert len(ids) > 2000
     text = "".join(stream(counting, ids))
     assert CountingTokenizer.longest <= 5
-    assert text == tiny.decode(ids)
+    assert text == tiny_tokenizer.decode(ids)
 
 
-def test_add_after_flush_is_an_error(tiny):
-    detok = IncrementalDetokenizer(tiny)
+def test_add_after_flush_is_an_error(tiny_tokenizer):
+    detok = IncrementalDetokenizer(tiny_tokenizer)
     detok.add(100)
     detok.flush()
     assert detok.flush() == ""
@@ -160,7 +150,7 @@ def test_add_after_flush_is_an_error(tiny):
         detok.add(100)
 
 
-def test_ids_outside_vocabulary_are_refused(tiny):
-    detok = IncrementalDetokenizer(tiny)
+def test_ids_outside_vocabulary_are_refused(tiny_tokenizer):
+    detok = IncrementalDetokenizer(tiny_tokenizer)
     with pytest.raises(TokenizerError, match="token id 2009 "):
-        detok.add(tiny.vocab_size)
+        detok.add(tiny_tokenizer.vocab_size)

@@ -17,37 +17,27 @@ TRAIN_SCRIPT = REPO_ROOT / "engine" / "assets" / "train_tiny_tokenizer.py"
 CORPUS = REPO_ROOT / "engine" / "assets" / "tiny_corpus.txt"
 
 
-@pytest.fixture(scope="module")
-def real(chatglm3_tokenizer_path) -> ChatGLMTokenizer:
-    return ChatGLMTokenizer.from_file(chatglm3_tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ChatGLMTokenizer:
-    return ChatGLMTokenizer.from_file(embedded_tokenizer_path())
-
-
 def golden_prompt(golden: dict, name: str) -> dict:
     return next(case for case in golden["chat_prompts"] if case["name"] == name)
 
 
 # ---- the official ids ---------------------------------------------------------------------------------------
-def test_special_token_layout_matches_official(real, chatglm3_golden):
-    assert real.vocab_size - len(SPECIAL_TOKENS) == chatglm3_golden["sentencepiece_vocab_size"] == 64789
-    assert real.special_token_ids == chatglm3_golden["special_tokens"]
-    assert real.chat_stop_token_ids == chatglm3_golden["chat_stop_token_ids"]
-    assert real.special_token_ids["<|assistant|>"] not in real.chat_stop_token_ids
-    assert (real.eos_token_id, real.pad_token_id, real.vocab_size) == (2, 0, 64798)
+def test_special_token_layout_matches_official(real_tokenizer, chatglm3_golden):
+    assert real_tokenizer.vocab_size - len(SPECIAL_TOKENS) == chatglm3_golden["sentencepiece_vocab_size"] == 64789
+    assert real_tokenizer.special_token_ids == chatglm3_golden["special_tokens"]
+    assert real_tokenizer.chat_stop_token_ids == chatglm3_golden["chat_stop_token_ids"]
+    assert real_tokenizer.special_token_ids["<|assistant|>"] not in real_tokenizer.chat_stop_token_ids
+    assert (real_tokenizer.eos_token_id, real_tokenizer.pad_token_id, real_tokenizer.vocab_size) == (2, 0, 64798)
 
 
 @pytest.mark.parametrize("name", ["single_user_turn", "multi_turn", "system_with_tools"])
-def test_chat_prompt_matches_official(real, chatglm3_golden, name):
+def test_chat_prompt_matches_official(real_tokenizer, chatglm3_golden, name):
     case = golden_prompt(chatglm3_golden, name)
-    ids = build_chat_prompt(real, messages_from_json(case["messages"]))
+    ids = build_chat_prompt(real_tokenizer, messages_from_json(case["messages"]))
     assert ids == case["input_ids"]
 
 
-def test_tools_prompt_is_the_long_one(real, chatglm3_golden):
+def test_tools_prompt_is_the_long_one(real_tokenizer, chatglm3_golden):
     # The tools are pretty-printed JSON (indent 4, non-ASCII kept) after the system content and a newline.
     case = golden_prompt(chatglm3_golden, "system_with_tools")
     assert len(case["input_ids"]) == 284
@@ -55,28 +45,28 @@ def test_tools_prompt_is_the_long_one(real, chatglm3_golden):
     assert system.prompt_text.startswith(system.content + "\n{\n    \"random_number_generator\": {")
 
 
-def test_plain_encode_matches_official(real, chatglm3_golden):
+def test_plain_encode_matches_official(real_tokenizer, chatglm3_golden):
     for case in chatglm3_golden["plain_encode"]:
-        assert real.encode(case["text"]) == case["input_ids_with_prefix"]
-        assert real.encode(case["text"], add_special_tokens=False) == case["input_ids_with_prefix"][2:]
+        assert real_tokenizer.encode(case["text"]) == case["input_ids_with_prefix"]
+        assert real_tokenizer.encode(case["text"], add_special_tokens=False) == case["input_ids_with_prefix"][2:]
 
 
-def test_decode_matches_official(real, chatglm3_golden):
+def test_decode_matches_official(real_tokenizer, chatglm3_golden):
     for case in chatglm3_golden["decode"]:
-        raw = real.decode(case["token_ids"])
+        raw = real_tokenizer.decode(case["token_ids"])
         assert raw == case["raw_text"]
         assert clean_reply(raw) == case["response_text"]
 
 
-def test_reply_after_assistant_decodes_like_a_fresh_segment(real, chatglm3_golden):
+def test_reply_after_assistant_decodes_like_a_fresh_segment(real_tokenizer, chatglm3_golden):
     case = chatglm3_golden["decode"][0]
-    assistant = real.special_token_ids["<|assistant|>"]
-    assert real.decode([assistant] + case["token_ids"]) == case["raw_text"]
-    assert real.decode([assistant] + case["token_ids"], skip_special_tokens=False) == "<|assistant|>" + case["raw_text"]
+    assistant = real_tokenizer.special_token_ids["<|assistant|>"]
+    assert real_tokenizer.decode([assistant] + case["token_ids"]) == case["raw_text"]
+    assert real_tokenizer.decode([assistant] + case["token_ids"], skip_special_tokens=False) == "<|assistant|>" + case["raw_text"]
 
 
 # ---- role tokens only from code -----------------------------------------------------------------------------
-@pytest.mark.parametrize("fixture", ["real", "tiny"])
+@pytest.mark.parametrize("fixture", ["real_tokenizer", "tiny_tokenizer"])
 def test_role_names_in_text_encode_as_plain_pieces(fixture, request):
     tok: ChatGLMTokenizer = request.getfixturevalue(fixture)
     text = "<|user|> hi <|assistant|><|system|><|observation|>[gMASK]sop"
@@ -87,9 +77,9 @@ def test_role_names_in_text_encode_as_plain_pieces(fixture, request):
 
 
 # ---- chat format --------------------------------------------------------------------------------------------
-def test_chat_prompt_layout(tiny):
-    sp = lambda text: tiny.encode(text, add_special_tokens=False)  # noqa: E731
-    s = tiny.special_token_ids
+def test_chat_prompt_layout(tiny_tokenizer):
+    sp = lambda text: tiny_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    s = tiny_tokenizer.special_token_ids
     messages = [ChatMessage("system", "be brief", tools=[{"name": "lookup"}]),
                 ChatMessage("user", "hello"),
                 ChatMessage("assistant", "tool_call(q=1)", metadata="lookup"),
@@ -99,8 +89,8 @@ def test_chat_prompt_layout(tiny):
                 + [s["<|user|>"]] + sp("\n") + sp("hello")
                 + [s["<|assistant|>"]] + sp("lookup\n") + sp("tool_call(q=1)")
                 + [s["<|observation|>"]] + sp("\n") + sp('{"ok": true}'))
-    assert build_chat_prompt(tiny, messages, add_generation_prompt=False) == expected
-    assert build_chat_prompt(tiny, messages) == expected + [s["<|assistant|>"]]
+    assert build_chat_prompt(tiny_tokenizer, messages, add_generation_prompt=False) == expected
+    assert build_chat_prompt(tiny_tokenizer, messages) == expected + [s["<|assistant|>"]]
 
 
 def test_messages_from_json_accepts_optional_fields():
@@ -143,16 +133,16 @@ def test_clean_reply(raw, clean):
 
 
 # ---- the embedded tokenizer ---------------------------------------------------------------------------------
-def test_embedded_tokenizer_has_chatglm3_layout(tiny):
-    n = tiny.vocab_size - len(SPECIAL_TOKENS)
-    assert tiny.vocab_size == 2009 < 4096  # fits the glm-tiny preset's padded vocabulary
-    assert tiny.special_token_ids == {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
-    pieces = [tiny.id_to_piece(i) for i in (0, 1, 2, 3, 13, 258)]
+def test_embedded_tokenizer_has_chatglm3_layout(tiny_tokenizer):
+    n = tiny_tokenizer.vocab_size - len(SPECIAL_TOKENS)
+    assert tiny_tokenizer.vocab_size == 2009 < 4096  # fits the glm-tiny preset's padded vocabulary
+    assert tiny_tokenizer.special_token_ids == {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+    pieces = [tiny_tokenizer.id_to_piece(i) for i in (0, 1, 2, 3, 13, 258)]
     assert pieces == ["<unk>", "<s>", "</s>", "<0x00>", "<0x0A>", "<0xFF>"]
-    assert (tiny.eos_token_id, tiny.pad_token_id) == (2, 0)
-    assert tiny.chat_stop_token_ids == [2, n + 6, n + 8]
-    assert [tiny.is_special(i) for i in (0, 2, n - 1, n, n + 8)] == [False, False, False, True, True]
-    assert tiny.encode("\n", add_special_tokens=False)[-1] == 13  # newline is a byte piece, as in ChatGLM3
+    assert (tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id) == (2, 0)
+    assert tiny_tokenizer.chat_stop_token_ids == [2, n + 6, n + 8]
+    assert [tiny_tokenizer.is_special(i) for i in (0, 2, n - 1, n, n + 8)] == [False, False, False, True, True]
+    assert tiny_tokenizer.encode("\n", add_special_tokens=False)[-1] == 13  # newline is a byte piece, as in ChatGLM3
 
 
 @pytest.mark.parametrize("text", [
@@ -160,21 +150,21 @@ def test_embedded_tokenizer_has_chatglm3_layout(tiny):
     "def f(x):\n    return x  # 🦖 龘 𠀀", "ทดสอบ 👨‍👩‍👧 🇨🇳",
     "3.14159 x 2 = 6.28318", "",
 ])
-def test_embedded_tokenizer_round_trips(tiny, text):
-    ids = tiny.encode(text)
-    assert ids[:2] == tiny.prefix_token_ids
-    assert tiny.decode(ids) == text
-    assert tiny.decode(ids, skip_special_tokens=False) == "[gMASK]sop" + text
+def test_embedded_tokenizer_round_trips(tiny_tokenizer, text):
+    ids = tiny_tokenizer.encode(text)
+    assert ids[:2] == tiny_tokenizer.prefix_token_ids
+    assert tiny_tokenizer.decode(ids) == text
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=False) == "[gMASK]sop" + text
 
 
-def test_training_script_reproduces_the_shipped_model(tmp_path, tiny):
+def test_training_script_reproduces_the_shipped_model(tmp_path, tiny_tokenizer):
     out = tmp_path / "retrained.model"
     subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--output", str(out)], check=True, capture_output=True)
     retrained = ChatGLMTokenizer.from_file(out)
     assert [retrained.id_to_piece(i) for i in range(retrained.vocab_size)] == \
-           [tiny.id_to_piece(i) for i in range(tiny.vocab_size)]
+           [tiny_tokenizer.id_to_piece(i) for i in range(tiny_tokenizer.vocab_size)]
     text = CORPUS.read_text(encoding="utf-8")
-    assert retrained.encode(text) == tiny.encode(text)
+    assert retrained.encode(text) == tiny_tokenizer.encode(text)
     assert out.stat().st_size < 1 << 20
 
 
@@ -210,9 +200,9 @@ def test_huge_file_is_not_read(tmp_path):
     assert str(path) in str(info.value)
 
 
-def test_encode_takes_one_string(tiny):
+def test_encode_takes_one_string(tiny_tokenizer):
     with pytest.raises(TypeError):
-        tiny.encode(["a", "b"])
+        tiny_tokenizer.encode(["a", "b"])
 
 
 def test_sentencepiece_model_without_chatglm3_layout(tmp_path):
@@ -228,8 +218,8 @@ def test_sentencepiece_model_without_chatglm3_layout(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [-1, 2009, 4095])
-def test_ids_outside_vocabulary_are_refused(tiny, bad):
+def test_ids_outside_vocabulary_are_refused(tiny_tokenizer, bad):
     with pytest.raises(TokenizerError, match=f"token id {bad} "):
-        tiny.decode([5, bad])
+        tiny_tokenizer.decode([5, bad])
     with pytest.raises(TokenizerError, match=f"token id {bad} "):
-        tiny.id_to_piece(bad)
+        tiny_tokenizer.id_to_piece(bad)
