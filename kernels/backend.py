@@ -43,5 +43,6 @@ class TritonAttentionBackend:
             # Rebase the extend sequences' token offsets onto query[num_decodes:] (no host sync needed).
             query_start_loc = meta.query_start_loc[num_decodes:] - num_decodes
             self._extend(query[num_decodes:], k_cache, v_cache, meta.block_tables[num_decodes:], query_start_loc,
-                         meta.seq_lens[num_decodes:], scale, meta.max_query_len, out=out[num_decodes:])
+                         meta.seq_lens[num_decodes:], scale, meta.max_query_len, out=out[num_decodes:],
+                         max_seq_len=meta.max_seq_len)
         return out

@@ -201,11 +201,18 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         num_warps=8,   # 4 warps spill registers with 64-token tiles at D=128 (ptxas, sm_90)
     )
     if not direct:
-        _merge_splits_kernel[(batch, num_heads)](
-            part_out, part_lse, out,
-            out.stride(0), out.stride(1),
-            num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=4,
-        )
+        merge_splits(part_out, part_lse, out)
     return out
+
+
+def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """part_out: [R, H, S, D] float32 (each split's normalised output), part_lse: [R, H, S] (log2 units, -inf for
+    an empty split) -> out [R, H, D]: per row and head, the log-sum-exp weighted sum of the splits."""
+    rows, num_heads, num_splits, head_dim = part_out.shape
+    _merge_splits_kernel[(rows, num_heads)](
+        part_out, part_lse, out,
+        out.stride(0), out.stride(1),
+        num_splits,
+        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )

@@ -51,3 +51,48 @@ def test_extend_loose_max_query_len_and_empty_sequence(paged_kv, check_close, de
     actual = paged_extend_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, kv.seq_lens,
                                     0.125, max_query_len=64)
     check_close(actual, expected)
+
+
+# Split-KV: a short chunk over a long cached context cuts each query tile's keys into ranges; the splits' partial
+# outputs merge per token. Splits that get no key for some rows (or none at all) must contribute nothing.
+SPLIT_CASES = [
+    ([257, 100], [7, 64], 4, 4, 64, 16, torch.float32, 2),
+    ([257, 100], [7, 64], 4, 4, 64, 16, torch.float32, 5),
+    ([100, 257, 71], [1, 64, 7], 32, 2, 128, 32, torch.float16, 3),
+    ([17, 15], [17, 1], 8, 2, 64, 16, torch.float32, 4),        # more splits than KV tiles: empty splits
+]
+
+
+@pytest.mark.parametrize("seq_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits",
+                         SPLIT_CASES)
+def test_extend_split_kv_matches_reference(paged_kv, check_close, device, seq_lens, query_lens, num_heads,
+                                           num_kv_heads, head_dim, block_size, dtype, num_splits):
+    kv = paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=3)
+    query_start_loc = _query_start_loc(query_lens, device)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, device=device).to(dtype)
+    scale = head_dim ** -0.5
+    expected = paged_extend_attention_ref(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc,
+                                          kv.seq_lens, scale)
+    actual = paged_extend_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, kv.seq_lens,
+                                    scale, max(query_lens), num_splits=num_splits)
+    check_close(actual, expected)
+
+
+def test_extend_picks_splits_for_a_short_chunk_over_a_long_context(monkeypatch, paged_kv, check_close, device):
+    # With a GPU's worth of SMs, one 7-token chunk over 1000 cached tokens is 2 query-tile programs: the automatic
+    # choice splits its keys (and the result still equals the reference).
+    import glmserve.kernels.extend_attention as extend
+    chosen = []
+    real_choose = extend.choose_num_splits
+    monkeypatch.setattr(extend, "choose_num_splits",
+                        lambda *a: chosen.append(real_choose(*a)) or chosen[-1])
+    monkeypatch.setattr("glmserve.kernels.decode_attention._num_sms", lambda dev: 132)
+    kv = paged_kv([1007], 2, 64, 16, torch.float32, seed=5)
+    query_start_loc = _query_start_loc([7], device)
+    query = torch.randn(7, 8, 64, device=device)
+    expected = paged_extend_attention_ref(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc,
+                                          kv.seq_lens, 0.125)
+    actual = paged_extend_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, kv.seq_lens,
+                                    0.125, 7, max_seq_len=1007)
+    assert chosen == [4]          # ceil(1007 / 256) tokens-per-split bound; 2 programs alone would want 132
+    check_close(actual, expected)
