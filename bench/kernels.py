@@ -25,6 +25,7 @@ PREFILL_CASES = (
     ("prefill 1x4096", 1, 4096, 4096),
     ("prefill 4x2048", 4, 2048, 2048),
     ("chunk 512 over 8192", 1, 512, 8192),
+    ("chunk 8 over 32768", 1, 8, 32768),     # a prefix-cache hit: one query tile, split-KV spreads the keys
 )
 # Peak HBM bandwidth in GB/s, by a substring of torch.cuda.get_device_name(); the first match wins.
 PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100", 2039.0))
