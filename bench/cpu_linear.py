@@ -71,14 +71,36 @@ def measure(out_features: int, in_features: int, rows: int, iterations: int) -> 
                        round(macs / f_ms / 1e6, 1), round(macs / packed_ms / 1e6, 1), diff)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """'OUTxIN' -> (out_features, in_features)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise ValueError(f"a weight shape is OUTxIN, e.g. 65024x512; got {text!r}")
+    return _positive(parts[0]), _positive(parts[1])
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        shapes = [_shape(text) for text in args.shapes.split(",")]
+        rows = [_positive(text) for text in args.rows.split(",")]
+    except ValueError as error:
+        print(f"glmserve-bench cpu-linear: error: {error}", file=sys.stderr)
+        return 2
     if not cpu_linear.onednn_linear_supported():
         print("glmserve-bench cpu-linear: error: this torch build has no working oneDNN linear", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
-    rows = [int(r) for r in args.rows.split(",")]
     print(f"cpu-linear: fp32, {torch.get_num_threads()} threads on {cpu_model_name()}, torch {torch.__version__}")
     print(f"{'weight':>12} {'rows':>5} {'F.linear ms':>12} {'oneDNN ms':>10} {'packed ms':>10} "
           f"{'F.linear GMAC/s':>16} {'packed GMAC/s':>14} {'max|diff|':>10}")

@@ -32,3 +32,14 @@ def test_cpu_linear_benchmark_without_onednn_is_a_clear_error(monkeypatch, capsy
         monkeypatch.delenv(cpu_linear.ENV_SWITCH)
         cpu_linear.onednn_linear_supported.cache_clear()
     assert "no working oneDNN linear" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--shapes", "65024*512", "a weight shape is OUTxIN"),
+    ("--shapes", "0x512", "expected a positive integer, got '0'"),
+    ("--rows", "8,many", "expected a positive integer, got 'many'"),
+])
+def test_cpu_linear_benchmark_rejects_malformed_arguments(capsys, flag, value, message):
+    assert main(["cpu-linear", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -26,18 +26,24 @@ def _query_start_loc(query_lens, device):
     return loc.to(device)
 
 
-@pytest.mark.parametrize("seq_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype", CASES)
-def test_extend_matches_reference(paged_kv, check_close, device, seq_lens, query_lens, num_heads, num_kv_heads,
-                                  head_dim, block_size, dtype):
-    kv = paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype)
+def _check_extend(paged_kv, check_close, device, seq_lens, query_lens, num_heads, num_kv_heads, head_dim,
+                  block_size, dtype, num_splits=None, seed=0):
+    kv = paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=seed)
     query_start_loc = _query_start_loc(query_lens, device)
     query = torch.randn(sum(query_lens), num_heads, head_dim, device=device).to(dtype)
     scale = head_dim ** -0.5
     expected = paged_extend_attention_ref(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc,
                                           kv.seq_lens, scale)
     actual = paged_extend_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, kv.seq_lens,
-                                    scale, max(query_lens))
+                                    scale, max(query_lens), num_splits=num_splits)
     check_close(actual, expected)
+
+
+@pytest.mark.parametrize("seq_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype", CASES)
+def test_extend_matches_reference(paged_kv, check_close, device, seq_lens, query_lens, num_heads, num_kv_heads,
+                                  head_dim, block_size, dtype):
+    _check_extend(paged_kv, check_close, device, seq_lens, query_lens, num_heads, num_kv_heads, head_dim,
+                  block_size, dtype)
 
 
 def test_extend_loose_max_query_len_and_empty_sequence(paged_kv, check_close, device):
@@ -67,15 +73,8 @@ SPLIT_CASES = [
                          SPLIT_CASES)
 def test_extend_split_kv_matches_reference(paged_kv, check_close, device, seq_lens, query_lens, num_heads,
                                            num_kv_heads, head_dim, block_size, dtype, num_splits):
-    kv = paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=3)
-    query_start_loc = _query_start_loc(query_lens, device)
-    query = torch.randn(sum(query_lens), num_heads, head_dim, device=device).to(dtype)
-    scale = head_dim ** -0.5
-    expected = paged_extend_attention_ref(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc,
-                                          kv.seq_lens, scale)
-    actual = paged_extend_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, kv.seq_lens,
-                                    scale, max(query_lens), num_splits=num_splits)
-    check_close(actual, expected)
+    _check_extend(paged_kv, check_close, device, seq_lens, query_lens, num_heads, num_kv_heads, head_dim,
+                  block_size, dtype, num_splits=num_splits, seed=3)
 
 
 def test_extend_picks_splits_for_a_short_chunk_over_a_long_context(monkeypatch, paged_kv, check_close, device):
