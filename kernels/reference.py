@@ -60,7 +60,7 @@ def paged_decode_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
         n = len(rows)
         num_blocks = (sorted_lens[start + n - 1] + block_size - 1) // block_size   # the tile's longest sequence
         padded_len = num_blocks * block_size
-        # index_select of whole blocks (measured ~1.5x faster than advanced indexing plus a cut to the exact
+        # index_select of whole blocks (faster on the CPU than advanced indexing plus a cut to the exact
         # length); positions past a sequence's length are masked instead, so a shorter row's unused table
         # entries (0 or -1 padding) only need to be valid indices. [b, KVH, L, D] views.
         blocks = block_tables[rows, :num_blocks].long().clamp_min(0).flatten()
@@ -102,8 +102,8 @@ def paged_extend_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
             q = query[q_start + t0:q_start + t1].float().transpose(0, 1)[None]    # [1, H, t, D]
             q_pos = torch.arange(first_pos + t0, first_pos + t1, device=query.device)
             causal = torch.arange(visible, device=query.device)[None, :] <= q_pos[:, None]   # [t, l]
-            # enable_gqa: query head h reads KV head h // G without a copy of K/V per head (measured 1.3-4x
-            # faster on the CPU than folding a group's heads into query rows with a [G*t, l] mask).
+            # enable_gqa: query head h reads KV head h // G without a copy of K/V per head; on the CPU much faster
+            # than folding a group's heads into query rows with a [G*t, l] mask (bench/RESULTS.md, long context).
             ctx = F.scaled_dot_product_attention(q, keys[:, :, :visible], values[:, :, :visible], attn_mask=causal,
                                                  scale=scale, enable_gqa=True)           # [1, H, t, D]
             out[q_start + t0:q_start + t1] = ctx[0].transpose(0, 1).to(query.dtype)
