@@ -31,7 +31,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"glmserve.engine": ["assets/*"], "glmserve.proto": ["*.proto"], "glmserve.bench": ["*.sh", "data/*"]},
+    package_data={"glmserve.engine": ["assets/*"], "glmserve.proto": ["*.proto"], "glmserve.bench": ["*.sh", "data/*"],
+                  "glmserve.kernels": ["cpu/*.c", "cpu/*.h"]},   # compiled on first use (kernels/cpu_native.py)
     install_requires=[
         "torch>=2.5,<3",   # scaled_dot_product_attention(enable_gqa=...)
         "triton>=3.0",

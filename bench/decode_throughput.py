@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     device = engine.device
     peak = args.peak_gbps or ((detect_peak_gbps(torch.cuda.get_device_name(device)) or 0.0) if device.type == "cuda"
                               else 0.0)
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    weight_bytes = engine.runner.model.weight_bytes()
     kv_per_token = engine.model_config.kv_bytes_per_token(torch.empty((), dtype=engine.dtype).element_size())
     result = DecodeResult(args.model, str(device), str(engine.dtype).removeprefix("torch."), peak, weight_bytes)
     for batch in sizes:

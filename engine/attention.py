@@ -11,6 +11,9 @@ from typing import Iterator, Protocol
 
 import torch
 
+from glmserve.kernels.cpu_attention import paged_decode_attention_cpu, supports, write_kv_cache_cpu
+from glmserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
+from glmserve.kernels.cpu_native import native_cpu_available
 from glmserve.kernels.reference import (paged_decode_attention_ref, paged_extend_attention_ref,
                                         write_kv_cache_ref)
 
@@ -36,15 +39,22 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """The reference paged attention in plain torch: the CPU default, bounded memory for long prompts."""
+    """The reference paged attention in plain torch: bounded memory for long prompts, runs anywhere."""
+
+    name = "torch"
+
+    def write(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        write_kv_cache_ref(key, value, k_cache, v_cache, slot_mapping)
+
+    def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
+        return paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale)
 
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv_cache_ref(key, value, k_cache, v_cache, meta.slot_mapping)
+        self.write(key, value, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         out = torch.empty_like(query)
         if nd:
-            out[:nd] = paged_decode_attention_ref(query[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                                  meta.seq_lens[:nd], scale)
+            out[:nd] = self.decode(query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale)
         if nd < query.shape[0]:
             starts = meta.query_start_loc[nd:] - nd
             out[nd:] = paged_extend_attention_ref(query[nd:], k_cache, v_cache, meta.block_tables[nd:], starts,
@@ -52,16 +62,44 @@ class TorchAttentionBackend:
         return out
 
 
+class CpuAttentionBackend(TorchAttentionBackend):
+    """The CPU default where the native kernels build: the KV write and decode attention run in native code
+    (``kernels/cpu_attention.py``), reading the paged cache in place; prefill/extend chunks stay on the torch
+    path (SDPA)."""
+
+    name = "cpu"
+
+    def write(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        if not supports(key, k_cache) or key.stride() != value.stride():
+            return super().write(key, value, k_cache, v_cache, slot_mapping)
+        write_kv_cache_cpu(key, value, k_cache, v_cache, slot_mapping)
+
+    def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
+        if not supports(query, k_cache):        # e.g. a bfloat16 model on the CPU: the torch path handles it
+            return super().decode(query, k_cache, v_cache, block_tables, seq_lens, scale)
+        return paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
 def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` picks Triton on CUDA and the torch backend elsewhere."""
+    """``auto`` picks Triton on CUDA, else the native CPU backend where it builds, else plain torch."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            name = "triton"
+        else:
+            name = "cpu" if native_cpu_available() else "torch"
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention_backend 'cpu' runs on the CPU only, not on {device.type}")
+        if not native_cpu_available():
+            raise ValueError("attention_backend 'cpu' needs its native kernel, which did not build here (no C "
+                             f"compiler, or {NATIVE_SWITCH}=0): use 'torch' or 'auto'")
+        return CpuAttentionBackend()
     if name == "triton":
         from glmserve.kernels.backend import TritonAttentionBackend
         return TritonAttentionBackend()
-    raise ValueError(f"attention_backend must be auto, torch or triton, got {name!r}")
+    raise ValueError(f"attention_backend must be auto, torch, cpu or triton, got {name!r}")
 
 
 _current: AttentionMetadata | None = None

@@ -214,20 +214,30 @@ class EngineConfig:
     tokenizer: str | None = None            # tokenizer.model path (default: the checkpoint's, or the embedded one)
     device: str = "cpu"
     dtype: str = "auto"                     # auto | float32 | float16 | bfloat16
-    attention_backend: str = "auto"         # auto | torch | triton
+    attention_backend: str = "auto"         # auto | torch | cpu (native decode kernel) | triton
     seed: int = 0
     tensor_parallel_size: int = 1
     cuda_graphs: bool = False               # capture decode steps as CUDA graphs (CUDA, tensor_parallel_size 1)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
+    def _check_cpu_backend(self) -> None:
+        if str(self.device) != "cpu":
+            raise ConfigError(f"attention_backend 'cpu' runs on the CPU only, got device {self.device!r}")
+        from glmserve.kernels.cpu_native import ENV_SWITCH, native_cpu_available
+        if not native_cpu_available():
+            raise ConfigError("attention_backend 'cpu' needs its native kernel, which did not build here (no C "
+                              f"compiler, or {ENV_SWITCH}=0): use 'torch' or 'auto'")
+
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "bin", "dummy"):
             raise ConfigError(f"load_format must be auto, safetensors, bin or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
+            raise ConfigError(f"attention_backend must be auto, torch, cpu or triton, got {self.attention_backend!r}")
+        if self.attention_backend == "cpu":
+            self._check_cpu_backend()
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):

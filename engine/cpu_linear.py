@@ -22,6 +22,11 @@ ENV_SWITCH = "GLMSERVE_ONEDNN_LINEAR"
 # oneDNN costs ~13-15 us more per call than F.linear (`glmserve-bench cpu-linear` on small shapes), which only
 # pays off once the matmul has about 4 M multiply-adds (rows x in x out): below that F.linear is as fast or faster.
 MIN_MULTIPLY_ADDS = 1 << 22
+# A packed weight beats F.linear from one row up once it has ~2^18 elements (512 x 768: 43 us against 55 us for
+# one row, `glmserve-bench cpu-linear`); smaller layers (the tiny test model's) stay plain, where F.linear's lower
+# per-call cost wins.
+PACK_MIN_WEIGHT_ELEMENTS = 1 << 18
+PACK_ROWS_HINT = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,30 +64,70 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and checkpoint names) whose CPU fp32 inference runs oneDNN's matmul on the
-    weight as stored: no second copy of the weights."""
+    """``nn.Linear`` (same parameters and checkpoint names) whose CPU fp32 inference runs oneDNN's matmul.
+
+    After loading, ``pack()`` swaps the weight for a copy reordered into oneDNN's blocked layout and drops the
+    plain one (the same memory, as IPEX does for CPU inference): 1.2-1.6x faster at decode batch sizes
+    (``glmserve-bench cpu-linear``). A packed layer has no ``weight`` parameter until ``unpack()``.
+    """
+
+    _packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            if x.dtype != torch.float32 or x.device.type != "cpu":
+                raise TypeError(f"a packed Linear takes float32 CPU inputs, got {x.dtype} on {x.device.type}")
+            return _onednn_linear(x, self._packed, self.bias)
         if _use_onednn(x, self.weight):
             return _onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def pack(self) -> bool:
+        """Reorder the weight for oneDNN if this layer qualifies (float32 on the CPU, oneDNN working, a weight of
+        at least ``PACK_MIN_WEIGHT_ELEMENTS``); returns whether the layer is packed. For inference only."""
+        if self._packed is not None:
+            return True
+        weight = self.weight
+        if not (weight.device.type == "cpu" and weight.dtype == torch.float32
+                and weight.numel() >= PACK_MIN_WEIGHT_ELEMENTS and onednn_linear_supported()):
+            return False
+        # The batch-size hint only tunes the layout; any number of rows gives the same, correct result.
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+        del self.weight                 # unregisters the parameter: the plain copy is freed
+        return True
 
-class PackedLinear(nn.Linear):
-    """A ``Linear`` for the vocabulary projection: on the CPU it multiplies by a copy of the weight reordered once
-    into oneDNN's blocked layout (remade when the weight changes), a further ~1.2x at decode batch sizes on the
-    largest matmul of a step. The copy costs the layer's size again, so only the output layer gets it."""
+    def unpack(self) -> None:
+        """Restore the plain ``weight`` parameter (exactly: the blocked copy holds the same values)."""
+        if self._packed is not None:
+            self.weight = nn.Parameter(self._packed.to_dense(), requires_grad=False)
+            self._packed = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_onednn(x, self.weight):
-            return F.linear(x, self.weight, self.bias)
-        # Inference tensors have no version counter: for a weight made under inference_mode only replacing the
-        # tensor (what the loader does) is noticed, not an in-place edit.
-        version = None if self.weight.is_inference() else self.weight._version
-        cached = getattr(self, "_packed", None)
-        if cached is None or cached[0] is not self.weight or cached[1] != version:
-            # The batch-size hint only tunes the layout; any number of rows gives the same, correct result.
-            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
-            cached = (self.weight, version, packed)
-            self._packed = cached
-        return _onednn_linear(x, cached[2], self.bias)
+    # state_dict() keeps the checkpoint's names and plain layout whether packed or not (benchmarks hand the weights
+    # to HF); loading into a packed layer unpacks, loads and packs again.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed is not None:
+            destination[prefix + "weight"] = self._packed.to_dense()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        repack = self._packed is not None
+        self.unpack()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if repack:
+            self.pack()
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("_packed") is not None:
+            raise AttributeError("this Linear's weight is packed for oneDNN (Linear.pack); unpack() restores it")
+        return super().__getattr__(name)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every qualifying ``Linear`` of ``model`` for CPU inference; returns how many were packed."""
+    return sum(module.pack() for module in model.modules() if isinstance(module, Linear))
+
+
+def packed_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by packed weights of ``model`` (they are not parameters while packed)."""
+    return sum(m._packed.numel() * m._packed.element_size()
+               for m in model.modules() if isinstance(m, Linear) and m._packed is not None)

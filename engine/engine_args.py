@@ -14,7 +14,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the checkpoint's)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                   help="auto: triton on CUDA; on the CPU the native decode kernel (cpu) where a C compiler "
+                        "builds it, else torch")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--cuda-graphs", action="store_true",

@@ -15,12 +15,13 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from glmserve.kernels.cpu_ops import add_rms_norm, rotate_pairs_, silu_mul
 
 from .attention import AttentionBackend, current_attention_metadata
 from .config import ModelConfig
-from .cpu_linear import Linear, PackedLinear
+from .cpu_linear import Linear, pack_linears, packed_weight_bytes
 from .parallel_layout import ShardLayout
 
 if TYPE_CHECKING:
@@ -36,9 +37,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+        return add_rms_norm(x, None, self.weight, self.eps)[1]
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual connection and the norm in one step: (x + residual, norm(x + residual)); x may be updated
+        in place, so it must be the caller's own activation. ``residual`` None: (x, norm(x))."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding:
@@ -56,18 +60,14 @@ class RotaryEmbedding:
         self.rotary_dim = rotary_dim
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, rot/2] at ``positions`` [T]: done once per forward pass and shared by every layer
+        """cos, sin [T, rot/2] at ``positions`` [T]: done once per forward pass and shared by every layer
         (an explicit value, not a cache keyed on the tensor, so a captured CUDA graph records the lookup)."""
-        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        return self.cos[positions], self.sin[positions]
 
-    def __call__(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [T, heads, head_dim]; cos_sin from ``lookup``. Returns a new tensor of x's dtype."""
-        rot = self.rotary_dim
-        cos, sin = cos_sin                                                  # [T, 1, rot/2] each
-        pairs = x[..., :rot].float().unflatten(-1, (rot // 2, 2))        # [T, heads, rot/2, 2]
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-        return torch.cat((rotated.to(x.dtype), x[..., rot:]), dim=-1)
+    def rotate_(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """In place: x [T, heads, head_dim] (a view, features contiguous); cos_sin from ``lookup``."""
+        cos, sin = cos_sin
+        rotate_pairs_(x, cos, sin)
 
 
 class SelfAttention(nn.Module):
@@ -93,10 +93,11 @@ class SelfAttention(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         """rope: this pass's (cos, sin) from ``RotaryEmbedding.lookup``; hidden: [T, hidden]."""
         qkv = self.query_key_value(hidden)                                  # [T, (H + 2*KVH) * D]
-        # Q and K heads are adjacent rows of the fused output: one rotary pass over [T, H + KVH, D].
-        qk = self.rotary(qkv[:, :self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim)), rope)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].unflatten(-1, (self.num_kv_heads, self.head_dim))
+        heads = qkv.unflatten(-1, (-1, self.head_dim))                      # [T, H + 2*KVH, D], a view
+        # Q and K heads are adjacent in the fused output: one in-place rotary pass over [T, H + KVH, D].
+        self.rotary.rotate_(heads[:, :self.num_heads + self.num_kv_heads], rope)
+        q, k = heads[:, :self.num_heads], heads[:, self.num_heads:self.num_heads + self.num_kv_heads]
+        v = heads[:, self.num_heads + self.num_kv_heads:]
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, current_attention_metadata(), self.scale)
         out = self.dense(out.flatten(1))      # [T, hidden]; a partial sum over this rank's heads when sharded
         return out if self.group is None else self.group.all_reduce(out)
@@ -111,8 +112,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
-        out = self.dense_4h_to_h(F.silu(gate) * up)     # a partial sum over this rank's ffn slice when sharded
+        out = self.dense_4h_to_h(silu_mul(self.dense_h_to_4h(x)))   # a partial sum over this rank's ffn slice when sharded
         return out if self.group is None else self.group.all_reduce(out)
 
 
@@ -124,9 +124,14 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config, group)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attention(rope, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream [T, hidden]; pending: the previous block's MLP output, not yet added to x (None
+        for the first block). Returns (x, this block's MLP output): each residual add is fused into the norm that
+        follows it (x = x + attn(norm(x)); x = x + mlp(norm(x)), as in ChatGLM)."""
+        x, h = self.input_layernorm.add_and_norm(x, pending)
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attention(rope, h))
+        return x, self.mlp(h)
 
 
 class Embedding(nn.Module):
@@ -165,8 +170,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.embedding = Embedding(config, group, vocab_start)
         self.encoder = Encoder(config, group)
-        # The largest matmul of a decode step: on the CPU it keeps a oneDNN-packed copy of its weight (cpu_linear.py).
-        self.output_layer = PackedLinear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False)
 
 
 class GLMForCausalLM(nn.Module):
@@ -186,13 +190,31 @@ class GLMForCausalLM(nn.Module):
         self.rotary: RotaryEmbedding | None = None      # set by bind_runtime
 
     @property
+    def weights_device(self) -> torch.device:
+        # The embedding table is never packed (cpu_linear.py), so it is always there to ask.
+        return self.transformer.embedding.word_embeddings.weight.device
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        return self.transformer.embedding.word_embeddings.weight.dtype
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weights, packed linears included."""
+        return sum(p.numel() * p.element_size() for p in self.parameters()) + packed_weight_bytes(self)
+
+    def pack_for_cpu_inference(self) -> int:
+        """Swap the linears' weights for oneDNN-blocked copies (CPU float32; cpu_linear.py). After loading, before
+        serving; returns how many layers were packed."""
+        return pack_linears(self)
+
+    @property
     def attention_layers(self) -> list[SelfAttention]:
         return [layer.self_attention for layer in self.transformer.encoder.layers]
 
     def bind_runtime(self, backend: AttentionBackend, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                      max_positions: int) -> None:
         """Attach the attention backend, each layer's KV cache and the rotary table (after weights are loaded)."""
-        device = self.transformer.output_layer.weight.device
+        device = self.weights_device
         rotary = RotaryEmbedding(self.config.rotary_dim, self.config.rope_base, max_positions, device)
         self.rotary = rotary     # forward looks the positions up once; every layer rotates with that lookup
         for attn, (k_cache, v_cache) in zip(self.attention_layers, kv_caches, strict=True):
@@ -202,9 +224,10 @@ class GLMForCausalLM(nn.Module):
         """input_ids, positions: [T]. Returns final hidden states [T, hidden] (after the final norm)."""
         x = self.transformer.embedding(input_ids)
         rope = self.rotary.lookup(positions)                         # shared by every layer
+        pending = None
         for layer in self.transformer.encoder.layers:
-            x = layer(rope, x)
-        return self.transformer.encoder.final_layernorm(x)
+            x, pending = layer(rope, x, pending)
+        return self.transformer.encoder.final_layernorm.add_and_norm(x, pending)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden: [N, hidden] -> float32 logits [N, padded_vocab_size] (of the checkpoint).

@@ -42,8 +42,9 @@ class ModelRunner:
                  vocab_size: int, eos_token_id: int, attention_backend: str = "auto"):
         self.model = model
         self.config: ModelConfig = model.config
-        weight = model.transformer.output_layer.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = model.weights_device, model.weights_dtype
+        if self.device.type == "cpu":
+            model.pack_for_cpu_inference()      # float32 linears only; a no-op for other dtypes
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)

@@ -21,7 +21,7 @@ def measure_rank_memory(rank: int, model: torch.nn.Module, kv_caches: list[tuple
                         ) -> RankMemory:
     rss = resident_bytes()
     return RankMemory(rank=rank,
-                      parameter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                      parameter_bytes=model.weight_bytes(),
                       kv_cache_bytes=sum(t.numel() * t.element_size() for pair in kv_caches for t in pair),
                       # the kernel updates the high-water mark lazily: it can lag the current count a little
                       rss_bytes=rss, peak_rss_bytes=max(rss, peak_resident_bytes()))

@@ -11,8 +11,8 @@ def peak_forward_memory(model, num_tokens: int, block_size: int, backend_name: s
     """Peak allocated bytes (weights included, the temporary KV cache excluded) of a forward over
     ``num_tokens`` prompt tokens plus their logits."""
     cfg = model.config
-    device = model.transformer.output_layer.weight.device
-    dtype = model.transformer.output_layer.weight.dtype
+    device = model.weights_device
+    dtype = model.weights_dtype
     num_blocks = -(-num_tokens // block_size)
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

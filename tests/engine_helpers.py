@@ -10,7 +10,7 @@ from glmserve.engine.outputs import RequestOutput
 
 def make_engine(model: str, *, num_kv_blocks: int | None = 512, block_size: int = 16, max_num_seqs: int = 64,
                 max_num_batched_tokens: int = 512, prefix_caching: bool = True, chunked_prefill: bool = True,
-                attention_backend: str = "torch", max_model_len: int | None = None, device: str = "cpu",
+                attention_backend: str = "auto", max_model_len: int | None = None, device: str = "cpu",
                 dtype: str = "auto") -> Engine:
     return Engine(EngineConfig(
         model=model, attention_backend=attention_backend, device=device, dtype=dtype,

@@ -14,8 +14,8 @@ class PagedSequence:
     def __init__(self, model: GLMForCausalLM, block_size: int = 16, num_blocks: int = 64, seed: int = 0,
                  backend: str = "torch"):
         cfg = model.config
-        dtype = model.transformer.output_layer.weight.dtype
-        device = model.transformer.output_layer.weight.device
+        dtype = model.weights_dtype
+        device = model.weights_device
         self.caches = [(torch.zeros(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device),
                         torch.zeros(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device))
                        for _ in range(cfg.num_layers)]

@@ -1,5 +1,5 @@
-"""engine/cpu_linear.py: the oneDNN fp32 linears agree with F.linear, repack after a weight change, and fall back
-where they must (autograd, other dtypes)."""
+"""engine/cpu_linear.py: the oneDNN fp32 linears agree with a float64 reference, plain and packed; packing drops
+the plain weight and unpacking restores it exactly; they fall back where they must (autograd, other dtypes)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from glmserve.engine import cpu_linear
-from glmserve.engine.cpu_linear import Linear, PackedLinear
+from glmserve.engine.cpu_linear import Linear, pack_linears
 
 needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_linear_supported(),
                                   reason="this torch build has no working oneDNN linear; F.linear is used")
@@ -18,18 +18,21 @@ def _float64_reference(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.double(), layer.weight.double(), bias)
 
 
-@pytest.mark.parametrize("cls", [Linear, PackedLinear])
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_matches_float64_reference(cls, bias, rows):
+def test_matches_float64_reference(packed, bias, rows):
     torch.manual_seed(rows)
-    layer = cls(96, 200, bias=bias)
+    layer = Linear(96, 200, bias=bias)
     x = torch.randn(rows, 96)
+    expected = _float64_reference(layer, x)
+    if packed:
+        assert layer.pack() is (cpu_linear.onednn_linear_supported())
     with torch.inference_mode():
         out = layer(x)
     assert out.shape == (rows, 200) and out.dtype == torch.float32
     # fp32 accumulation over 96 terms: only the summation order differs from any other fp32 GEMM.
-    torch.testing.assert_close(out.double(), _float64_reference(layer, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
@@ -52,29 +55,37 @@ def test_large_matmuls_run_onednn_small_ones_f_linear(onednn_calls):
 
 @pytest.fixture(autouse=True)
 def every_size_on_onednn(monkeypatch, request):
-    # The numerics tests use small shapes: lower the size threshold so that they exercise oneDNN.
+    # The numerics tests use small shapes: lower the size thresholds so that they exercise oneDNN and packing.
     if "onednn_calls" not in request.fixturenames:
         monkeypatch.setattr(cpu_linear, "MIN_MULTIPLY_ADDS", 0)
+        monkeypatch.setattr(cpu_linear, "PACK_MIN_WEIGHT_ELEMENTS", 0)
 
 
 @needs_onednn
-def test_packed_copy_is_remade_when_the_weight_changes():
-    layer = PackedLinear(32, 48, bias=False)
-    x = torch.randn(4, 32)
-    with torch.inference_mode():
-        first = layer(x)
-        with torch.no_grad():
-            layer.weight.mul_(2.0)                     # in place: a new weight version
-        doubled = layer(x)
-    layer.weight = torch.nn.Parameter(torch.randn(48, 32))       # a new tensor altogether
-    new_weight = layer.weight.detach().clone()
-    with torch.inference_mode():
-        replaced = layer(x)
-        layer.weight = torch.nn.Parameter(torch.randn(48, 32))   # an inference tensor: no version counter
-        inference_weight = layer(x)
-    torch.testing.assert_close(doubled, 2 * first, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(replaced, x @ new_weight.t(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(inference_weight, x @ layer.weight.detach().t(), rtol=1e-5, atol=1e-5)
+def test_packing_drops_the_plain_weight_and_unpacking_restores_it_exactly():
+    layer = Linear(32, 48, bias=True)
+    weight = layer.weight.detach().clone()
+    assert layer.pack() is True and layer.pack() is True          # packing twice is a no-op
+    assert "weight" not in dict(layer.named_parameters())          # the plain copy is gone, not kept beside
+    with pytest.raises(AttributeError, match="packed for oneDNN"):
+        layer.weight
+    assert torch.equal(layer.state_dict()["weight"], weight)      # checkpoint names and layout, packed or not
+    new_weight = torch.randn(48, 32)
+    layer.load_state_dict({"weight": new_weight, "bias": layer.bias.detach()})
+    assert layer._packed is not None and torch.equal(layer.state_dict()["weight"], new_weight)
+    layer.unpack()
+    assert torch.equal(layer.weight, new_weight)
+
+
+@needs_onednn
+def test_pack_linears_packs_large_float32_layers_only(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "PACK_MIN_WEIGHT_ELEMENTS", 1000)
+    model = torch.nn.Sequential(Linear(40, 30), Linear(30, 20), Linear(40, 30).to(torch.bfloat16),
+                                torch.nn.Linear(40, 30))
+    assert pack_linears(model) == 1                   # 1200 elements; 600 is too small; bf16; not our Linear
+    assert model[0]._packed is not None and model[1]._packed is None and model[2]._packed is None
+    with pytest.raises(TypeError, match="float32 CPU inputs"):
+        model[0](torch.randn(2, 40, dtype=torch.bfloat16))
 
 
 def test_autograd_and_other_dtypes_use_f_linear():
@@ -82,11 +93,11 @@ def test_autograd_and_other_dtypes_use_f_linear():
     out = layer(torch.randn(2, 8))                   # grad mode, weight requires grad: must be differentiable
     out.sum().backward()
     assert layer.weight.grad is not None
-    half = PackedLinear(8, 4).to(torch.bfloat16)
+    half = Linear(8, 4).to(torch.bfloat16)
+    assert half.pack() is False                       # bf16 stays on F.linear, unpacked
     with torch.inference_mode():
         y = half(torch.randn(2, 8, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
-    assert getattr(half, "_packed", None) is None   # bf16 stays on F.linear, with no packed copy
 
 
 def test_switch_off_by_environment(monkeypatch):
@@ -94,10 +105,8 @@ def test_switch_off_by_environment(monkeypatch):
     cpu_linear.onednn_linear_supported.cache_clear()
     try:
         assert cpu_linear.onednn_linear_supported() is False
-        layer = PackedLinear(8, 4)
-        with torch.inference_mode():
-            layer(torch.randn(2, 8))
-        assert getattr(layer, "_packed", None) is None
+        layer = Linear(8, 4)
+        assert layer.pack() is False and layer._packed is None
     finally:
         monkeypatch.delenv(cpu_linear.ENV_SWITCH)
         cpu_linear.onednn_linear_supported.cache_clear()

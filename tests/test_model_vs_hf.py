@@ -1,6 +1,8 @@
 """glmserve's GLMForCausalLM against HF transformers' GlmForCausalLM (independent reference), fp32.
 
-Tiny random models are written to disk in ChatGLM3 format and loaded through the real loader.
+Tiny random models are written to disk in ChatGLM3 format and loaded through the real loader. Each check runs on
+the plain torch path and on the native CPU path (oneDNN-packed linears, fused norm/rotary/SwiGLU, native KV write
+and decode attention) where that builds.
 """
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import dataclasses
 import pytest
 import torch
 
+from glmserve.engine import cpu_linear
 from glmserve.engine.checkpoint_writer import random_state_dict, write_checkpoint
 from glmserve.engine.config import ModelConfig
 from glmserve.engine.loader import load_model, resolve_model_source
 from glmserve.engine.tokenizer import embedded_tokenizer_path
+from glmserve.kernels.cpu_native import native_cpu_available
 
 from .hf_reference import build_hf_model, hf_greedy
 from .paged_forward import PagedSequence
@@ -27,13 +31,25 @@ PROMPT_LENGTHS = (5, 16, 37)   # inside one block, exactly one block, crossing t
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"rope{v[0]:g}-groups{v[1]}")
-def models(request, tmp_path_factory):
+def checkpoint(request, tmp_path_factory):
     rope_ratio, groups = request.param
     config = dataclasses.replace(TINY, rope_ratio=rope_ratio, multi_query_group_num=groups)
     state = random_state_dict(config, seed=1, dtype=torch.float32)
     ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt"), config, embedded_tokenizer_path(), state=state)
+    return ckpt, build_hf_model(config, state)
+
+
+@pytest.fixture(params=["torch", "cpu"])
+def models(request, checkpoint, monkeypatch):
+    """(our model, HF's, our attention backend); for "cpu" every linear is packed, however small."""
+    if request.param == "cpu" and not native_cpu_available():
+        pytest.skip("the native CPU kernels did not build here (no C compiler?)")
+    ckpt, hf = checkpoint
     ours = load_model(resolve_model_source(str(ckpt)), torch.device("cpu"), torch.float32)
-    return ours, build_hf_model(config, state)
+    if request.param == "cpu":
+        monkeypatch.setattr(cpu_linear, "PACK_MIN_WEIGHT_ELEMENTS", 0)
+        assert ours.pack_for_cpu_inference() == 1 + 4 * TINY.num_layers
+    return ours, hf, request.param
 
 
 def _prompt(length: int, seed: int) -> list[int]:
@@ -42,10 +58,10 @@ def _prompt(length: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def test_prefill_and_cached_decode_logits_match(models):
-    ours, hf = models
+    ours, hf, backend = models
     for length in PROMPT_LENGTHS:
         prompt = _prompt(length, seed=length)
-        seq = PagedSequence(ours, block_size=16, seed=length)
+        seq = PagedSequence(ours, block_size=16, seed=length, backend=backend)
         got = seq.step(prompt)
         ref = hf(torch.tensor([prompt])).logits[0].float()
         assert (got - ref).abs().max().item() <= 1e-4, f"prefill of {length} tokens"
@@ -60,10 +76,10 @@ def test_prefill_and_cached_decode_logits_match(models):
 
 @torch.no_grad()
 def test_32_greedy_tokens_identical(models):
-    ours, hf = models
+    ours, hf, backend = models
     prompt = _prompt(21, seed=7)
     expected = hf_greedy(hf, prompt, 32)
-    seq = PagedSequence(ours, block_size=16, seed=3)
+    seq = PagedSequence(ours, block_size=16, seed=3, backend=backend)
     logits = seq.step(prompt)
     generated = []
     for _ in range(32):

@@ -1,0 +1,79 @@
+/* Fused elementwise ops of a GLM layer for the CPU (float32), called through ctypes from
+ * glmserve/kernels/cpu_ops.py. Each replaces a chain of small torch ops whose per-op dispatch and thread start-up
+ * cost more than the arithmetic at decode batch sizes. Compiled with -ffp-contract=off, so the rotary and the
+ * per-element parts of the norm round exactly as torch's separate multiplies and adds do.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "vec_exp.h"
+
+/* Sum of squares with eight independent partial sums (vectorisable without reassociating one running sum). */
+static inline float sum_squares(const float *x, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += x[i + j] * x[i + j];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += x[i] * x[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+static inline void rms_norm_row(const float *x, const float *weight, float *out, int64_t dim, float eps) {
+    const float inv_rms = 1.0f / sqrtf(sum_squares(x, dim) / (float)dim + eps);
+    for (int64_t i = 0; i < dim; i++) out[i] = weight[i] * (x[i] * inv_rms);
+}
+
+/* ChatGLM's RMSNorm: out[r] = weight * (x[r] / sqrt(mean(x[r]^2) + eps)). x: [rows, dim] (rows x_stride apart);
+ * out: [rows, dim] contiguous. With `residual_in` set, x is first updated in place: x[r] += residual_in[r]
+ * (the block's residual connection; residual_in contiguous). */
+void glmserve_rms_norm_f32(float *x, int64_t x_stride, const float *residual_in, const float *weight, float *out,
+                           int64_t rows, int64_t dim, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * dim >= 16384)
+    for (int64_t r = 0; r < rows; r++) {
+        float *xr = x + r * x_stride;
+        if (residual_in != NULL)
+            for (int64_t i = 0; i < dim; i++) xr[i] += residual_in[r * dim + i];
+        rms_norm_row(xr, weight, out + r * dim, dim, eps);
+    }
+}
+
+/* GPT-J style rotary on the first `rot` features of each head, in place: pairs (x[2i], x[2i+1]) turn by the angle
+ * whose cos and sin are cos[t, i], sin[t, i] ([T, rot/2] contiguous). x: [T, heads, >= rot], token t's head h at
+ * x + t * token_stride + h * head_stride. */
+void glmserve_rotary_f32(float *x, int64_t tokens, int64_t heads, int64_t token_stride, int64_t head_stride,
+                         int64_t rot, const float *cos, const float *sin, int num_threads) {
+    const int64_t half = rot / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens * heads * rot >= 16384)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos + t * half, *s = sin + t * half;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + t * token_stride + h * head_stride;
+            for (int64_t i = 0; i < half; i++) {
+                const float x0 = v[2 * i], x1 = v[2 * i + 1];
+                v[2 * i] = x0 * c[i] - x1 * s[i];
+                v[2 * i + 1] = x1 * c[i] + x0 * s[i];
+            }
+        }
+    }
+}
+
+/* SwiGLU: out[r, i] = silu(gate_up[r, i]) * gate_up[r, ffn + i], silu(g) = g / (1 + exp(-g)).
+ * gate_up: [rows, 2 * ffn] contiguous (gate first, as ChatGLM's dense_h_to_4h); out: [rows, ffn] contiguous. */
+void glmserve_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t ffn, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * ffn >= 16384)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * ffn, *u = g + ffn;
+        float *o = out + r * ffn;
+        int64_t i = 0;
+#ifdef GLMSERVE_AVX2
+        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+        for (; i + 8 <= ffn; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = exp_avx2(_mm256_sub_ps(zero, gv));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < ffn; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}

@@ -1,0 +1,33 @@
+/* exp(x) on eight floats with AVX2 + FMA: Cephes' single-precision polynomial (~1 ulp over the range, like the
+ * vectorised exp torch's CPU kernels use). Below -87.3 (where expf underflows) it gives 0, above 88.376 (where it overflows) +inf. */
+#ifndef GLMSERVE_VEC_EXP_H
+#define GLMSERVE_VEC_EXP_H
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GLMSERVE_AVX2 1
+
+static inline __m256 exp_avx2(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+    const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(88.3762626647949f), _CMP_GT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3762626647949f));
+    /* x = n ln2 + r with |r| <= ln2 / 2; ln2 split in two parts for an exact n ln2. */
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    /* times 2^n, built in the exponent bits */
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), overflow);
+    return _mm256_andnot_ps(underflow, y);
+}
+#endif
+
+#endif

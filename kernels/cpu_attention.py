@@ -1,0 +1,83 @@
+"""Paged decode attention on the CPU in native code (``kernels/cpu/paged_attention.c``, built by cpu_native.py).
+
+Why: in torch, decode attention over a paged cache first gathers every sequence's blocks into a padded copy
+(read, write, read again, plus padding); the kernel reads each cached K/V row once, in place, prefetching the
+next block, and the G query heads of a group share each row while it is in L1.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cpu_native import library
+
+_MAX_HEADS = 256    # query heads the C code has room for (MAX_HEADS_PER_ITEM)
+
+
+def supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the native kernel handles these operands (float32 on the CPU, head_dim contiguous, H <= 256)."""
+    return (query.device.type == "cpu" and query.dtype == torch.float32 and k_cache.dtype == torch.float32
+            and query.stride(-1) == 1 and query.shape[1] <= _MAX_HEADS)
+
+
+def paged_decode_attention_cpu(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as ``paged_decode_attention_ref``: query [B, H, D] (head_dim contiguous, rows may be strided),
+    caches [num_blocks, block_size, KVH, D], block_tables [B, max_blocks] int32, seq_lens [B] int32 -> [B, H, D].
+    ``out`` (contiguous [B, H, D]) is written in place when given."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available")
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype)
+    if batch == 0:
+        return out
+    # Contiguity, dtypes and strides are what the C code assumes; these are no-ops on the engine's tensors.
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    block_tables = block_tables.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    status = lib.glmserve_paged_decode_f32(
+        query.data_ptr(), query.stride(0), query.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+        block_tables.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), batch, num_heads, num_kv_heads, head_dim,
+        block_size, block_tables.shape[1], float(scale), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("native CPU attention could not allocate its score buffer")
+    return out
+
+
+def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Same contract as ``write_kv_cache_ref``: key, value [T, KVH, D] (D contiguous, the same strides),
+    slot_mapping [T] (-1 = padding, skipped); caches contiguous float32. Writes in place."""
+    if key.stride() != value.stride() or key.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("write_kv_cache_cpu: key/value need equal strides with head_dim contiguous, caches contiguous")
+    slots = slot_mapping.to(torch.int64).contiguous()
+    tokens, num_kv_heads, head_dim = key.shape
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    bad = library().glmserve_write_kv_f32(key.data_ptr(), value.data_ptr(), key.stride(0), key.stride(1),
+                                          slots.data_ptr(), tokens, num_kv_heads, head_dim, k_cache.data_ptr(),
+                                          v_cache.data_ptr(), num_slots)
+    if bad:
+        raise IndexError(f"write_kv_cache_cpu: {bad} slot(s) outside the cache's {num_slots} slots")
+
+
+def self_check() -> bool:
+    """Agreement with the torch reference on a small case: partial blocks, scattered blocks, strided rows."""
+    from .reference import paged_decode_attention_ref, write_kv_cache_ref
+    generator = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(6, 4, 2, 24, generator=generator)
+    v_cache = torch.randn(6, 4, 2, 24, generator=generator)
+    query = torch.randn(3, 16, 24, generator=generator)[:, :8]        # rows strided, as the engine's views are
+    block_tables = torch.tensor([[5, 0, 2], [1, 3, 0], [4, 0, 0]], dtype=torch.int32)
+    seq_lens = torch.tensor([11, 5, 1], dtype=torch.int32)
+    expected = paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, 0.3)
+    got = paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, 0.3)
+    ok = torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    kv = torch.randn(3, 4, 2, 24, generator=generator)                 # [T, K|V|.., KVH, D]: strided views
+    slots = torch.tensor([7, -1, 20])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    write_kv_cache_ref(kv[:, 0], kv[:, 1], expected_k, expected_v, slots)
+    write_kv_cache_cpu(kv[:, 0], kv[:, 1], k_cache, v_cache, slots)
+    return bool(ok and torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v))

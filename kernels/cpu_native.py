@@ -1,0 +1,123 @@
+"""The native CPU kernels (``kernels/cpu/*.c``): built once per machine, loaded with ctypes.
+
+The C sources are compiled with the system C compiler (``cc -O3 -march=native -fopenmp``) into one shared
+library in a cache directory, keyed by the sources, flags, compiler and CPU; nothing is built at install time.
+Wherever there is no compiler, or the library disagrees with the torch reference in its self-check
+(``native_cpu_available``), the engine keeps its pure-torch paths. ``GLMSERVE_NATIVE_CPU=0`` turns it off.
+
+The library links OpenMP; torch's CPU build has already loaded its own ``libgomp.so.1`` by the time this module
+runs, so the dynamic loader resolves ours to the same runtime and the kernels share torch's thread pool.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "GLMSERVE_NATIVE_CPU"
+ENV_CACHE_DIR = "GLMSERVE_CACHE_DIR"
+SOURCE_DIR = Path(__file__).with_name("cpu")
+# -ffp-contract=off: no multiply-add is fused behind the code's back, so elementwise ops round as torch's do
+# (the attention kernel asks for its FMAs explicitly).
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
+                 "-std=c11")
+_COMPILE_TIMEOUT_S = 180
+
+_i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# name: (return type, argument types), as declared in the C sources.
+_SIGNATURES = {
+    "glmserve_paged_decode_f32": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                         _i64, _i64, _i64, _i64, _i64, _i64, _float, _int]),
+    "glmserve_write_kv_f32": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64]),
+    "glmserve_rms_norm_f32": (None, [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]),
+    "glmserve_rotary_f32": (None, [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
+    "glmserve_silu_mul_f32": (None, [_ptr, _ptr, _i64, _i64, _int]),
+}
+
+
+def _sources() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "glmserve"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: a library built for another CPU (a shared home directory) is not reused."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return "".join([line for line in cpuinfo if line.startswith(("model name", "flags"))][:2])
+    except OSError:
+        return platform.processor()
+
+
+def build(compiler: str) -> Path:
+    """Compile the sources unless a library for these sources, compiler and CPU is cached; returns its path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    texts = [path.read_text() for path in sorted(SOURCE_DIR.glob("*.[ch]"))]
+    key = hashlib.sha256("\0".join([*texts, " ".join(COMPILE_FLAGS), version, _cpu_identity()]).encode())
+    directory = _cache_dir() / "native"
+    library = directory / f"glmserve_cpu_{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    directory.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename into place: processes starting together never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        built = Path(scratch) / library.name
+        command = [compiler, *COMPILE_FLAGS, *map(str, _sources()), "-o", str(built), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, library)
+    return library
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None where it is switched off or cannot be built (the reason is logged)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C compiler found: the CPU kernels stay in torch")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("native CPU kernels unavailable (%s): staying in torch", exc)
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def native_cpu_available() -> bool:
+    """The library builds, loads and every kernel agrees with its torch reference on a small case (checked once
+    per process; a disagreement is logged and everything stays in torch)."""
+    if library() is None:
+        return False
+    from .cpu_attention import self_check as attention_ok
+    from .cpu_ops import self_check as ops_ok
+    ok = attention_ok() and ops_ok()
+    if not ok:
+        logger.warning("native CPU kernels disagree with the torch reference: staying in torch")
+    return ok

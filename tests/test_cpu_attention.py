@@ -1,0 +1,78 @@
+"""kernels/cpu_attention.py: the native paged decode attention and KV write against the torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmserve.kernels.cpu_attention import paged_decode_attention_cpu, write_kv_cache_cpu
+from glmserve.kernels.cpu_native import native_cpu_available
+from glmserve.kernels.reference import paged_decode_attention_ref, write_kv_cache_ref
+
+pytestmark = pytest.mark.skipif(not native_cpu_available(),
+                                reason="the native CPU kernels did not build here (no C compiler?)")
+
+
+def _case(batch, heads, kv_heads, head_dim, block_size, lens, seed=0):
+    """A scattered paged cache and strided query rows (as the engine's views into the fused QKV output)."""
+    generator = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-length // block_size) for length in lens)
+    num_blocks = batch * max_blocks + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    block_tables = torch.randperm(num_blocks, generator=generator)[:batch * max_blocks].view(batch, max_blocks)
+    query = torch.randn(batch, heads + 2 * kv_heads, head_dim, generator=generator)[:, :heads]
+    return query, k_cache, v_cache, block_tables.to(torch.int32), torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [
+    (4, 4, 32),      # no grouping
+    (8, 2, 64),      # glm-small
+    (32, 2, 128),    # ChatGLM3-6B: 16 query heads per KV group
+    (4, 2, 20),      # head_dim not a multiple of 8: the portable path
+])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("batch", [1, 3, 9])     # few sequences split by KV head; many go whole
+def test_decode_matches_reference(heads, kv_heads, head_dim, block_size, batch):
+    lens = [1, block_size, block_size + 1, 300, 77, 16, 2, 129, 45][:batch]
+    args = _case(batch, heads, kv_heads, head_dim, block_size, lens, seed=batch)
+    expected = paged_decode_attention_ref(*args, scale=head_dim ** -0.5)
+    got = paged_decode_attention_cpu(*args, scale=head_dim ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_writes_into_out_and_handles_extreme_scores():
+    query, k_cache, v_cache, block_tables, seq_lens = _case(4, 8, 2, 64, 16, [5, 40, 90, 1])
+    query = query * 40          # scores in the hundreds: the max-subtraction must keep exp finite
+    out = torch.full((4, 8, 64), float("nan"))
+    result = paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, 0.125, out=out)
+    assert result is out and torch.isfinite(out).all()
+    torch.testing.assert_close(out, paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, 0.125),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_decode_of_an_empty_batch_and_of_an_empty_context():
+    query, k_cache, v_cache, block_tables, _ = _case(2, 4, 2, 32, 16, [3, 3])
+    assert paged_decode_attention_cpu(query[:0], k_cache, v_cache, block_tables[:0],
+                                      torch.zeros(0, dtype=torch.int32), 0.2).shape == (0, 4, 32)
+    out = paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, torch.tensor([0, 3], dtype=torch.int32), 0.2)
+    assert torch.equal(out[0], torch.zeros(4, 32))        # nothing to attend to: zeros, not NaN
+
+
+def test_kv_write_matches_reference_and_skips_padding():
+    generator = torch.Generator().manual_seed(3)
+    qkv = torch.randn(6, 8 + 2 * 2, 32, generator=generator)           # [T, H + 2 KVH, D]
+    key, value = qkv[:, 8:10], qkv[:, 10:12]                            # strided views, as the model passes them
+    slots = torch.tensor([5, -1, 0, 63, 17, -1])
+    k_cache, v_cache = torch.zeros(4, 16, 2, 32), torch.zeros(4, 16, 2, 32)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    write_kv_cache_cpu(key, value, k_cache, v_cache, slots)
+    write_kv_cache_ref(key, value, k_ref, v_ref, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert int((k_cache.abs().sum(-1).sum(-1) > 0).sum()) == 4          # exactly the four real tokens
+
+
+def test_kv_write_refuses_a_slot_outside_the_cache():
+    key = torch.randn(2, 2, 32)
+    k_cache, v_cache = torch.zeros(4, 16, 2, 32), torch.zeros(4, 16, 2, 32)
+    with pytest.raises(IndexError, match="outside the cache's 64 slots"):
+        write_kv_cache_cpu(key, key, k_cache, v_cache, torch.tensor([3, 64]))

@@ -1,0 +1,89 @@
+"""kernels/cpu_native.py: the library is built once and cached; without a compiler (or switched off) everything
+falls back to torch with the same results; the "cpu" attention backend gives the torch backend's greedy tokens."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from glmserve.engine.attention import CpuAttentionBackend, TorchAttentionBackend, make_attention_backend
+from glmserve.engine.config import ConfigError, EngineConfig
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.kernels import cpu_native, cpu_ops
+
+from .engine_helpers import assert_no_leaks, make_engine, random_prompts, run_to_completion
+
+needs_native = pytest.mark.skipif(not cpu_native.native_cpu_available(),
+                                  reason="the native CPU kernels did not build here (no C compiler?)")
+
+
+@pytest.fixture
+def fresh_native_state():
+    """Forget the process-wide library and self-check, before and after the test."""
+    cpu_native.library.cache_clear()
+    cpu_native.native_cpu_available.cache_clear()
+    yield
+    cpu_native.library.cache_clear()
+    cpu_native.native_cpu_available.cache_clear()
+
+
+@needs_native
+def test_library_is_built_once_per_cache_directory(tmp_path, monkeypatch, fresh_native_state):
+    monkeypatch.setenv(cpu_native.ENV_CACHE_DIR, str(tmp_path))
+    compiler = cpu_native._compiler()
+    first = cpu_native.build(compiler)
+    assert first.parent == tmp_path / "native" and first.exists()
+    built_at = first.stat().st_mtime_ns
+    assert cpu_native.build(compiler) == first and first.stat().st_mtime_ns == built_at   # reused, not rebuilt
+    assert list((tmp_path / "native").iterdir()) == [first]                             # no scratch left behind
+    assert cpu_native.native_cpu_available()                                            # and it loads and agrees
+
+
+@pytest.mark.parametrize("how", ["no compiler", "switched off", "compiler fails"])
+def test_without_the_library_everything_stays_in_torch(how, monkeypatch, tmp_path, fresh_native_state, caplog):
+    monkeypatch.setenv(cpu_native.ENV_CACHE_DIR, str(tmp_path))
+    if how == "no compiler":
+        monkeypatch.setattr(cpu_native, "_compiler", lambda: None)
+    elif how == "switched off":
+        monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
+    else:
+        monkeypatch.setenv("CC", "false")
+    with caplog.at_level(logging.INFO, logger=cpu_native.__name__):
+        assert cpu_native.native_cpu_available() is False
+    if how == "compiler fails":
+        assert "native CPU kernels unavailable" in caplog.text
+    assert isinstance(make_attention_backend("auto", torch.device("cpu")), TorchAttentionBackend)
+    assert not isinstance(make_attention_backend("auto", torch.device("cpu")), CpuAttentionBackend)
+    with pytest.raises(ConfigError, match="GLMSERVE_NATIVE_CPU=0"):
+        EngineConfig(model="glm-tiny", attention_backend="cpu")
+    with torch.inference_mode():                       # the fused ops answer from torch
+        x = torch.randn(2, 8)
+        assert torch.equal(cpu_ops.add_rms_norm(x, None, torch.ones(8), 1e-5)[1],
+                           cpu_ops.rms_norm_ref(x, torch.ones(8), 1e-5))
+
+
+def test_cpu_backend_is_refused_on_cuda():
+    with pytest.raises(ConfigError, match="CPU only"):
+        EngineConfig(model="glm-tiny", attention_backend="cpu", device="cuda")
+
+
+@needs_native
+def test_auto_picks_the_native_backend_on_the_cpu():
+    assert isinstance(make_attention_backend("auto", torch.device("cpu")), CpuAttentionBackend)
+
+
+@needs_native
+def test_cpu_backend_gives_the_torch_backends_greedy_tokens(tiny_checkpoint):
+    prompts = random_prompts(12, 2000, (1, 200), seed=5)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "cpu"):
+        engine = make_engine(str(tiny_checkpoint), attention_backend=backend, max_num_batched_tokens=128)
+        assert engine.runner.backend.name == backend
+        arrivals = {i // 4: [] for i in range(len(prompts))}
+        for i, prompt in enumerate(prompts):                   # staggered: decodes mix with prefill chunks
+            arrivals[i // 4].append((f"r{i}", prompt, params))
+        outputs[backend] = run_to_completion(engine, arrivals)
+        assert_no_leaks(engine)
+    assert outputs["cpu"] == outputs["torch"]

@@ -1,0 +1,84 @@
+"""kernels/cpu_ops.py: the fused native norm, rotary and SwiGLU against their torch references, and the torch
+fallbacks where the native path does not apply (autograd, other dtypes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmserve.kernels import cpu_ops
+from glmserve.kernels.cpu_native import native_cpu_available
+
+needs_native = pytest.mark.skipif(not native_cpu_available(),
+                                  reason="the native CPU kernels did not build here (no C compiler?)")
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts calls into the native library, to tell which path ran."""
+    calls = []
+    real = cpu_ops.library
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real(), name)
+    monkeypatch.setattr(cpu_ops, "library", lambda: Counting())
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 7, 300])         # 300 x 512 crosses the size where the C code goes parallel
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_reference(rows, with_residual, native_calls):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 512, generator=generator) * 3
+    residual = torch.randn(rows, 512, generator=generator) if with_residual else None
+    weight = torch.randn(512, generator=generator)
+    expected_sum = x + residual if with_residual else x.clone()
+    with torch.inference_mode():
+        summed, normed = cpu_ops.add_rms_norm(x, residual, weight, 1e-5)
+    assert native_calls == ["glmserve_rms_norm_f32"]
+    assert torch.equal(summed, expected_sum)
+    torch.testing.assert_close(normed, cpu_ops.rms_norm_ref(expected_sum, weight, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("tokens", [1, 5, 200])
+def test_rotary_in_place_equals_reference_exactly(tokens, native_calls):
+    generator = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, 8 + 2 * 2, 64, generator=generator)       # [T, H + 2 KVH, D]
+    cos, sin = torch.rand(tokens, 16, generator=generator), torch.rand(tokens, 16, generator=generator)
+    original = qkv.clone()
+    with torch.inference_mode():
+        cpu_ops.rotate_pairs_(qkv[:, :10], cos, sin)                    # Q and K heads; V untouched
+    assert native_calls == ["glmserve_rotary_f32"]
+    # No fused multiply-adds in the C build: the same roundings as torch's separate multiplies and adds.
+    assert torch.equal(qkv[:, :10, :32], cpu_ops.rotate_pairs_ref(original[:, :10], cos, sin))
+    assert torch.equal(qkv[:, :10, 32:], original[:, :10, 32:]) and torch.equal(qkv[:, 10:], original[:, 10:])
+
+
+@needs_native
+@pytest.mark.parametrize("ffn", [20, 1368])
+def test_silu_mul_matches_reference_at_every_magnitude(ffn, native_calls):
+    generator = torch.Generator().manual_seed(ffn)
+    gate_up = torch.randn(9, 2 * ffn, generator=generator) * 5
+    gate_up[0, :6] = torch.tensor([-1000.0, -90.0, -30.0, 0.0, 30.0, 1000.0])   # exp under- and overflow
+    with torch.inference_mode():
+        out = cpu_ops.silu_mul(gate_up)
+    assert native_calls == ["glmserve_silu_mul_f32"]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, cpu_ops.silu_mul_ref(gate_up), rtol=1e-5, atol=1e-6)
+
+
+def test_autograd_and_bfloat16_take_the_torch_path(native_calls):
+    x = torch.randn(3, 16, requires_grad=True)
+    weight = torch.ones(16)
+    summed, normed = cpu_ops.add_rms_norm(x, torch.ones(3, 16), weight, 1e-5)
+    normed.sum().backward()                 # differentiable: the torch reference ran
+    assert x.grad is not None and torch.equal(summed.detach(), x.detach() + 1)
+    with torch.inference_mode():
+        half = torch.randn(3, 2 * 8, dtype=torch.bfloat16)
+        assert cpu_ops.silu_mul(half).dtype == torch.bfloat16
+        heads = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+        cpu_ops.rotate_pairs_(heads, torch.rand(2, 2), torch.rand(2, 2))
+    assert native_calls == []
