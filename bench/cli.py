@@ -32,6 +32,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "tp-memory": Subcommand("glmserve.bench.tp_memory", "per-rank weight memory under tensor parallelism (CPU, gloo)"),
     "cpu-linear": Subcommand("glmserve.bench.cpu_linear",
                              "CPU fp32 linears: F.linear (MKL) against oneDNN, as stored and prepacked"),
+    "cpu-attention": Subcommand("glmserve.bench.cpu_attention",
+                                "CPU paged decode attention: the torch reference against the native kernel"),
     "decode": Subcommand("glmserve.bench.decode_throughput",
                          "end-to-end decode throughput against the bandwidth roofline and HF generate (GPU)"),
 }

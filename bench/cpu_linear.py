@@ -7,10 +7,8 @@ oneDNN result from F.linear's (the numerics check). It is the measurement behind
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from glmserve.engine import cpu_linear
 
 from .machine import cpu_model_name
+from .micro import time_ms, write_points
 
 # glm-small's matmuls: output layer, h_to_4h, 4h_to_h, query_key_value, dense.
 DEFAULT_SHAPES = "65024x512,2736x512,512x1368,768x512,512x512"
@@ -44,15 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None)
 
 
-def _time_ms(fn, iterations: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(iterations):
-        fn()
-    return (time.perf_counter() - start) / iterations * 1e3
-
-
 @torch.inference_mode()
 def measure(out_features: int, in_features: int, rows: int, iterations: int) -> LinearPoint:
     gen = torch.Generator().manual_seed(0)
@@ -63,9 +53,9 @@ def measure(out_features: int, in_features: int, rows: int, iterations: int) -> 
     reference = F.linear(x, weight)
     diff = max((onednn(x, weight, None) - reference).abs().max().item(),
                (onednn(x, packed, None) - reference).abs().max().item())
-    f_ms = _time_ms(lambda: F.linear(x, weight), iterations)
-    plain_ms = _time_ms(lambda: onednn(x, weight, None), iterations)
-    packed_ms = _time_ms(lambda: onednn(x, packed, None), iterations)
+    f_ms = time_ms(lambda: F.linear(x, weight), iterations)
+    plain_ms = time_ms(lambda: onednn(x, weight, None), iterations)
+    packed_ms = time_ms(lambda: onednn(x, packed, None), iterations)
     macs = rows * out_features * in_features
     return LinearPoint(out_features, in_features, rows, round(f_ms, 3), round(plain_ms, 3), round(packed_ms, 3),
                        round(macs / f_ms / 1e6, 1), round(macs / packed_ms / 1e6, 1), diff)
@@ -113,9 +103,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{p.onednn_packed_ms:>10.3f} {p.f_linear_gmacs:>16.1f} {p.onednn_packed_gmacs:>14.1f} "
                   f"{p.max_abs_diff:>10.2e}", flush=True)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "points": [asdict(p) for p in points]}, f, indent=2)
+        write_points(args.out, points)
     return 0
 
 

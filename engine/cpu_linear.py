@@ -22,9 +22,9 @@ ENV_SWITCH = "GLMSERVE_ONEDNN_LINEAR"
 # oneDNN costs ~13-15 us more per call than F.linear (`glmserve-bench cpu-linear` on small shapes), which only
 # pays off once the matmul has about 4 M multiply-adds (rows x in x out): below that F.linear is as fast or faster.
 MIN_MULTIPLY_ADDS = 1 << 22
-# A packed weight beats F.linear from one row up once it has ~2^18 elements (512 x 768: 43 us against 55 us for
-# one row, `glmserve-bench cpu-linear`); smaller layers (the tiny test model's) stay plain, where F.linear's lower
-# per-call cost wins.
+# From ~2^18 weight elements a packed weight is as fast as F.linear even for one row (512 x 512: 23 against 22 us;
+# 768 x 512: 29 against 38 us; `glmserve-bench cpu-linear --rows 1,64`, bench/RESULTS.md) and faster with more;
+# smaller layers (the tiny test model's) stay plain, where F.linear's lower per-call cost wins.
 PACK_MIN_WEIGHT_ELEMENTS = 1 << 18
 PACK_ROWS_HINT = 64
 
@@ -67,8 +67,9 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and checkpoint names) whose CPU fp32 inference runs oneDNN's matmul.
 
     After loading, ``pack()`` swaps the weight for a copy reordered into oneDNN's blocked layout and drops the
-    plain one (the same memory, as IPEX does for CPU inference): 1.2-1.6x faster at decode batch sizes
-    (``glmserve-bench cpu-linear``). A packed layer has no ``weight`` parameter until ``unpack()``.
+    plain one (the same memory, as IPEX does for CPU inference): 1.1-1.6x faster than the weight as stored at 64
+    rows (``glmserve-bench cpu-linear``). A packed layer has no ``weight`` parameter until ``unpack()``;
+    ``state_dict()`` still returns it in the plain layout.
     """
 
     _packed: torch.Tensor | None = None

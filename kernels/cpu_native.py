@@ -68,11 +68,12 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def build(compiler: str) -> Path:
-    """Compile the sources unless a library for these sources, compiler and CPU is cached; returns its path."""
+def build(compiler: str, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
+    """Compile the sources unless a library for these sources, flags, compiler and CPU is cached; returns its
+    path. (Tests pass other flags to build the portable, non-AVX2 code paths.)"""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     texts = [path.read_text() for path in sorted(SOURCE_DIR.glob("*.[ch]"))]
-    key = hashlib.sha256("\0".join([*texts, " ".join(COMPILE_FLAGS), version, _cpu_identity()]).encode())
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_identity()]).encode())
     directory = _cache_dir() / "native"
     library = directory / f"glmserve_cpu_{key.hexdigest()[:16]}.so"
     if library.exists():
@@ -81,7 +82,7 @@ def build(compiler: str) -> Path:
     # Build beside the target and rename into place: processes starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         built = Path(scratch) / library.name
-        command = [compiler, *COMPILE_FLAGS, *map(str, _sources()), "-o", str(built), "-lm"]
+        command = [compiler, *flags, *map(str, _sources()), "-o", str(built), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -99,10 +100,15 @@ def library() -> ctypes.CDLL | None:
         logger.info("no C compiler found: the CPU kernels stay in torch")
         return None
     try:
-        lib = ctypes.CDLL(str(build(compiler)))
+        return load(build(compiler))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("native CPU kernels unavailable (%s): staying in torch", exc)
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' signatures."""
+    lib = ctypes.CDLL(str(path))
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes

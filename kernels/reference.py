@@ -100,11 +100,17 @@ def paged_extend_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
             t1 = min(num_q, t0 + tile)
             visible = first_pos + t1                                               # keys this tile can see
             q = query[q_start + t0:q_start + t1].float().transpose(0, 1)[None]    # [1, H, t, D]
-            q_pos = torch.arange(first_pos + t0, first_pos + t1, device=query.device)
-            causal = torch.arange(visible, device=query.device)[None, :] <= q_pos[:, None]   # [t, l]
             # enable_gqa: query head h reads KV head h // G without a copy of K/V per head; on the CPU much faster
             # than folding a group's heads into query rows with a [G*t, l] mask (bench/RESULTS.md, long context).
-            ctx = F.scaled_dot_product_attention(q, keys[:, :, :visible], values[:, :, :visible], attn_mask=causal,
-                                                 scale=scale, enable_gqa=True)           # [1, H, t, D]
+            if first_pos + t0 == 0:
+                # A tile from position 0 sees exactly the square lower triangle: SDPA's own causal mode skips the
+                # masked half instead of computing it and masking it.
+                ctx = F.scaled_dot_product_attention(q, keys[:, :, :visible], values[:, :, :visible],
+                                                     is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                q_pos = torch.arange(first_pos + t0, first_pos + t1, device=query.device)
+                causal = torch.arange(visible, device=query.device)[None, :] <= q_pos[:, None]   # [t, l]
+                ctx = F.scaled_dot_product_attention(q, keys[:, :, :visible], values[:, :, :visible],
+                                                     attn_mask=causal, scale=scale, enable_gqa=True)  # [1, H, t, D]
             out[q_start + t0:q_start + t1] = ctx[0].transpose(0, 1).to(query.dtype)
     return out

@@ -3,6 +3,7 @@ falls back to torch with the same results; the "cpu" attention backend gives the
 from __future__ import annotations
 
 import logging
+import platform
 
 import pytest
 import torch
@@ -87,3 +88,29 @@ def test_cpu_backend_gives_the_torch_backends_greedy_tokens(tiny_checkpoint):
         outputs[backend] = run_to_completion(engine, arrivals)
         assert_no_leaks(engine)
     assert outputs["cpu"] == outputs["torch"]
+
+
+@needs_native
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the portable build is checked on x86")
+def test_portable_build_without_avx2_agrees_with_torch(tmp_path, monkeypatch):
+    """The C code's portable paths (what a CPU without AVX2 runs) built and checked here, whatever this CPU has."""
+    from glmserve.kernels import cpu_attention
+    from glmserve.kernels.reference import paged_decode_attention_ref
+
+    monkeypatch.setenv(cpu_native.ENV_CACHE_DIR, str(tmp_path))
+    flags = tuple("-march=x86-64" if flag == "-march=native" else flag for flag in cpu_native.COMPILE_FLAGS)
+    portable = cpu_native.load(cpu_native.build(cpu_native._compiler(), flags))
+    monkeypatch.setattr(cpu_attention, "library", lambda: portable)
+    monkeypatch.setattr(cpu_ops, "library", lambda: portable)
+    assert cpu_attention.self_check() and cpu_ops.self_check()
+    generator = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(2, 9, 16, 2, 64, generator=generator)
+    query = torch.randn(5, 8, 64, generator=generator)
+    block_tables = torch.randperm(9, generator=generator)[:5 * 1].view(5, 1).to(torch.int32)
+    seq_lens = torch.tensor([1, 16, 7, 3, 12], dtype=torch.int32)
+    torch.testing.assert_close(
+        cpu_attention.paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, 0.125),
+        paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, 0.125), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        gate_up = torch.randn(4, 2 * 64, generator=generator) * 6
+        torch.testing.assert_close(cpu_ops.silu_mul(gate_up), cpu_ops.silu_mul_ref(gate_up), rtol=1e-5, atol=1e-6)

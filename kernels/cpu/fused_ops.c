@@ -4,23 +4,13 @@
  * per-element parts of the norm round exactly as torch's separate multiplies and adds do.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
-#include "vec_exp.h"
-
-/* Sum of squares with eight independent partial sums (vectorisable without reassociating one running sum). */
-static inline float sum_squares(const float *x, int64_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += x[i + j] * x[i + j];
-    float tail = 0.0f;
-    for (; i < n; i++) tail += x[i] * x[i];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-}
+#include "vec_math.h"
 
 static inline void rms_norm_row(const float *x, const float *weight, float *out, int64_t dim, float eps) {
-    const float inv_rms = 1.0f / sqrtf(sum_squares(x, dim) / (float)dim + eps);
+    const float inv_rms = 1.0f / sqrtf(dot(x, x, dim) / (float)dim + eps);
     for (int64_t i = 0; i < dim; i++) out[i] = weight[i] * (x[i] * inv_rms);
 }
 

@@ -1,4 +1,5 @@
-/* Paged decode attention for the CPU (float32), called from glmserve/kernels/cpu_attention.py through ctypes.
+/* Paged decode attention and the paged KV write for the CPU (float32), called from
+ * glmserve/kernels/cpu_attention.py through ctypes.
  *
  * Why native code: in torch, decode attention over a paged cache has to gather every sequence's blocks into a
  * padded copy before attending (read, write, read again, plus padding); this reads each cached K/V row once, in
@@ -25,20 +26,9 @@
 /* How far ahead rows are prefetched, in blocks (1 measured better than 2 or 3). */
 #define PREFETCH_BLOCKS_AHEAD 1
 
-#include "vec_exp.h"      /* exp_avx2; defines GLMSERVE_AVX2 where AVX2 + FMA are there */
+#include "vec_math.h"     /* dot, exp_avx2; defines GLMSERVE_AVX2 where AVX2 + FMA are there */
 
 /* ---- portable path: any head_dim, any x86/ARM target ------------------------------------------------------ */
-
-/* Dot product with eight independent partial sums (vectorisable without -ffast-math). */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float tail = 0.0f;
-    for (; i < n; i++) tail += a[i] * b[i];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-}
 
 static void scores_portable(const float *q, int64_t q_stride_head, const float *k, int64_t row_stride, int64_t n,
                             int64_t G, int64_t D, float scale, float *scores, int64_t len) {

@@ -1,12 +1,28 @@
-/* exp(x) on eight floats with AVX2 + FMA: Cephes' single-precision polynomial (~1 ulp over the range, like the
- * vectorised exp torch's CPU kernels use). Below -87.3 (where expf underflows) it gives 0, above 88.376 (where it overflows) +inf. */
-#ifndef GLMSERVE_VEC_EXP_H
-#define GLMSERVE_VEC_EXP_H
+/* Small vector helpers shared by the native CPU kernels. */
+#ifndef GLMSERVE_VEC_MATH_H
+#define GLMSERVE_VEC_MATH_H
+
+#include <stdint.h>
+
+/* Dot product with eight independent partial sums: the compiler vectorises it without -ffast-math (no single
+ * running sum has to be reassociated). */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define GLMSERVE_AVX2 1
 
+/* exp(x) on eight floats with AVX2 + FMA: Cephes' single-precision polynomial (~1 ulp over the range, like the
+ * vectorised exp torch's CPU kernels use). Below -87.3 (where expf underflows) it gives 0, above 88.376 (where it
+ * overflows) +inf. */
 static inline __m256 exp_avx2(__m256 x) {
     const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
     const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(88.3762626647949f), _CMP_GT_OQ);

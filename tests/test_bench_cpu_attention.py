@@ -1,0 +1,52 @@
+"""``glmserve-bench cpu-attention`` end to end on small shapes (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glmserve.bench.cli import main
+from glmserve.kernels import cpu_native
+
+
+@pytest.mark.skipif(not cpu_native.native_cpu_available(), reason="the native CPU kernels did not build here")
+def test_cpu_attention_benchmark_writes_every_point(tmp_path, capsys):
+    out = tmp_path / "cpu_attention.json"
+    assert main(["cpu-attention", "--batch", "5", "--context", "1:70", "--heads", "4/2x32,6/6x20",
+                 "--iterations", "2", "--out", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [(p["heads"], p["kv_heads"], p["head_dim"], p["batch"]) for p in points] == [(4, 2, 32, 5), (6, 6, 20, 5)]
+    for point in points:
+        assert point["max_abs_diff"] < 1e-5             # the native kernel agrees with the torch reference
+        assert 5 <= point["context_tokens"] <= 5 * 70 and point["native_ms"] > 0 and point["torch_ms"] > 0
+    assert "native ms" in capsys.readouterr().out
+
+
+def test_cpu_attention_benchmark_without_the_native_kernels_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
+    cpu_native.library.cache_clear()
+    cpu_native.native_cpu_available.cache_clear()
+    try:
+        assert main(["cpu-attention", "--batch", "2"]) == 2
+    finally:
+        monkeypatch.delenv(cpu_native.ENV_SWITCH)
+        cpu_native.library.cache_clear()
+        cpu_native.native_cpu_available.cache_clear()
+    assert "native CPU kernels did not build" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heads", "8x64"], "an attention shape is H/KVHxD"),
+    (["--heads", "8/3x64"], "H a multiple of KVH"),
+    (["--batch", "0"], "must be positive"),
+])
+def test_cpu_attention_benchmark_rejects_malformed_arguments(capsys, args, message):
+    assert main(["cpu-attention", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cpu_attention_benchmark_rejects_a_bad_context_range(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cpu-attention", "--context", "9:3"])
+    assert exit_info.value.code == 2 and "expected 1 <= LOW <= HIGH" in capsys.readouterr().err
