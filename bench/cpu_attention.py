@@ -1,9 +1,10 @@
-"""CPU paged decode attention: the torch reference (gather the blocks, then SDPA) against the native kernel.
+"""CPU paged attention: the torch reference (gather the blocks, then SDPA) against the native kernel.
 
-``glmserve-bench cpu-attention [--batch 64] [--context 16:768] [--heads 8/2x64,32/2x128]`` builds a paged KV
-cache with blocks scattered through the pool, as the engine's are, and times one decode step's attention for one
-layer both ways; it prints milliseconds per call, the ratio, the KV bytes read per second by the native kernel and
-the largest |difference| between the two outputs. It is the measurement behind ``kernels/cpu_attention.py``.
+``glmserve-bench cpu-attention [--batch 64] [--context 16:768] [--heads 8/2x64,32/2x128] [--prefill-lens ...]``
+builds a paged KV cache with blocks scattered through the pool, as the engine's are, and times for one layer
+(1) one decode step of the batch and (2) the whole prefill of one prompt of each length, both ways; it prints
+milliseconds per call, the ratio, the KV bytes read per second by the native decode kernel and the largest
+|difference| between the two outputs. It is the measurement behind ``kernels/cpu_attention.py``.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from glmserve.kernels.cpu_attention import paged_decode_attention_cpu
+from glmserve.kernels.cpu_attention import paged_decode_attention_cpu, paged_extend_attention_cpu
 from glmserve.kernels.cpu_native import native_cpu_available
-from glmserve.kernels.reference import paged_decode_attention_ref
+from glmserve.kernels.reference import paged_decode_attention_ref, paged_extend_attention_ref
 
 from .int_range import IntRange
 from .machine import cpu_model_name
@@ -40,16 +41,39 @@ class AttentionPoint:
     max_abs_diff: float
 
 
+@dataclass
+class PrefillPoint:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    prompt_tokens: int
+    torch_ms: float              # SDPA over query tiles (the reference)
+    native_ms: float             # the decode kernel, one query token per row
+    speedup: float
+    max_abs_diff: float
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64, help="decode sequences in the step")
     parser.add_argument("--context", type=IntRange.parse, default=IntRange(16, 768),
                         help="context lengths, uniform in LOW:HIGH (default 16:768, the offline workload's span)")
     parser.add_argument("--heads", default=DEFAULT_HEADS, help="comma-separated H/KVHxD attention shapes")
+    parser.add_argument("--prefill-lens", default="128,264,512,1024,2048",
+                        help="comma-separated prompt lengths for the prefill table ('' for none)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+
+
+def _paged_cache(num_tokens: int, kv_heads: int, head_dim: int, block_size: int, rows: int, gen: torch.Generator):
+    """K and V caches with ``rows`` block-table rows of ``num_tokens`` tokens each, blocks scattered."""
+    max_blocks = -(-num_tokens // block_size)
+    k_cache = torch.randn(rows * max_blocks, block_size, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(rows * max_blocks, block_size, kv_heads, head_dim, generator=gen)
+    block_tables = torch.randperm(rows * max_blocks, generator=gen).view(rows, max_blocks).to(torch.int32)
+    return k_cache, v_cache, block_tables
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -65,17 +89,23 @@ def _shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
+def _lengths(text: str) -> list[int]:
+    """'128,512' -> [128, 512]; '' -> []."""
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        lengths = [0]
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"--prefill-lens takes comma-separated positive integers, got {text!r}")
+    return lengths
+
+
 @torch.inference_mode()
 def measure(heads: int, kv_heads: int, head_dim: int, args: argparse.Namespace) -> AttentionPoint:
     rng = random.Random(args.seed)
     lens = [args.context.draw(rng) for _ in range(args.batch)]
-    block_size = args.block_size
-    max_blocks = -(-max(lens) // block_size)
-    num_blocks = args.batch * max_blocks
     gen = torch.Generator().manual_seed(args.seed)
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
-    block_tables = torch.randperm(num_blocks, generator=gen).view(args.batch, max_blocks).to(torch.int32)
+    k_cache, v_cache, block_tables = _paged_cache(max(lens), kv_heads, head_dim, args.block_size, args.batch, gen)
     # Query rows strided as the engine's are (views into the fused QKV projection).
     query = torch.randn(args.batch, heads + 2 * kv_heads, head_dim, generator=gen)[:, :heads]
     seq_lens = torch.tensor(lens, dtype=torch.int32)
@@ -89,11 +119,27 @@ def measure(heads: int, kv_heads: int, head_dim: int, args: argparse.Namespace) 
                           round(torch_ms / native_ms, 2), round(kv_bytes / native_ms / 1e6, 1), diff)
 
 
+@torch.inference_mode()
+def measure_prefill(heads: int, kv_heads: int, head_dim: int, prompt: int, args: argparse.Namespace) -> PrefillPoint:
+    gen = torch.Generator().manual_seed(args.seed)
+    k_cache, v_cache, block_tables = _paged_cache(prompt, kv_heads, head_dim, args.block_size, 1, gen)
+    query = torch.randn(prompt, heads + 2 * kv_heads, head_dim, generator=gen)[:, :heads]
+    inputs = (query, k_cache, v_cache, block_tables, torch.tensor([0, prompt], dtype=torch.int32),
+              torch.tensor([prompt], dtype=torch.int32), head_dim ** -0.5)
+    diff = (paged_extend_attention_cpu(*inputs) - paged_extend_attention_ref(*inputs)).abs().max().item()
+    iterations = max(2, args.iterations // 4)
+    torch_ms = time_ms(lambda: paged_extend_attention_ref(*inputs), iterations)
+    native_ms = time_ms(lambda: paged_extend_attention_cpu(*inputs), iterations)
+    return PrefillPoint(heads, kv_heads, head_dim, prompt, round(torch_ms, 3), round(native_ms, 3),
+                        round(torch_ms / native_ms, 2), diff)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         shapes = [_shape(text) for text in args.heads.split(",")]
+        prefill_lens = _lengths(args.prefill_lens)
         if args.batch < 1 or args.block_size < 1 or args.iterations < 1:
             raise ValueError("--batch, --block-size and --iterations must be positive")
     except ValueError as error:
@@ -113,8 +159,18 @@ def run(args: argparse.Namespace) -> int:
         points.append(p)
         print(f"{f'{heads}/{kv_heads}x{head_dim}':>10} {p.context_tokens:>7} {p.torch_ms:>9.3f} {p.native_ms:>10.3f} "
               f"{p.speedup:>8.2f}x {p.native_kv_gb_per_s:>8.1f} {p.max_abs_diff:>10.2e}", flush=True)
+    prefill = []
+    if prefill_lens:
+        print(f"prefill of one prompt (whole, causal), block {args.block_size}")
+        print(f"{'H/KVHxD':>10} {'tokens':>7} {'SDPA ms':>9} {'native ms':>10} {'speed-up':>9} {'max|diff|':>10}")
+    for heads, kv_heads, head_dim in shapes:
+        for prompt in prefill_lens:
+            p = measure_prefill(heads, kv_heads, head_dim, prompt, args)
+            prefill.append(p)
+            print(f"{f'{heads}/{kv_heads}x{head_dim}':>10} {prompt:>7} {p.torch_ms:>9.3f} {p.native_ms:>10.3f} "
+                  f"{p.speedup:>8.2f}x {p.max_abs_diff:>10.2e}", flush=True)
     if args.out:
-        write_points(args.out, points)
+        write_points(args.out, points + prefill)
     return 0
 
 

@@ -11,7 +11,8 @@ from typing import Iterator, Protocol
 
 import torch
 
-from glmserve.kernels.cpu_attention import paged_decode_attention_cpu, supports, write_kv_cache_cpu
+from glmserve.kernels.cpu_attention import (ROWWISE_EXTEND_MAX_CONTEXT, paged_decode_attention_cpu,
+                                            paged_extend_attention_cpu, supports, write_kv_cache_cpu)
 from glmserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
 from glmserve.kernels.cpu_native import native_cpu_available
 from glmserve.kernels.reference import (paged_decode_attention_ref, paged_extend_attention_ref,
@@ -49,6 +50,9 @@ class TorchAttentionBackend:
     def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
         return paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale)
 
+    def extend(self, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float) -> torch.Tensor:
+        return paged_extend_attention_ref(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self.write(key, value, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decodes
@@ -57,15 +61,15 @@ class TorchAttentionBackend:
             out[:nd] = self.decode(query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale)
         if nd < query.shape[0]:
             starts = meta.query_start_loc[nd:] - nd
-            out[nd:] = paged_extend_attention_ref(query[nd:], k_cache, v_cache, meta.block_tables[nd:], starts,
-                                                  meta.seq_lens[nd:], scale)
+            out[nd:] = self.extend(query[nd:], k_cache, v_cache, meta.block_tables[nd:], starts,
+                                   meta.seq_lens[nd:], scale)
         return out
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The CPU default where the native kernels build: the KV write and decode attention run in native code
-    (``kernels/cpu_attention.py``), reading the paged cache in place; prefill/extend chunks stay on the torch
-    path (SDPA)."""
+    """The CPU default where the native kernels build: the KV write, decode attention and the prefill/extend chunks
+    of short sequences run in native code (``kernels/cpu_attention.py``), reading the paged cache in place; chunks
+    of sequences longer than ``ROWWISE_EXTEND_MAX_CONTEXT`` stay on the torch path (SDPA, tiled)."""
 
     name = "cpu"
 
@@ -78,6 +82,11 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if not supports(query, k_cache):        # e.g. a bfloat16 model on the CPU: the torch path handles it
             return super().decode(query, k_cache, v_cache, block_tables, seq_lens, scale)
         return paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, scale)
+
+    def extend(self, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float) -> torch.Tensor:
+        if not supports(query, k_cache) or int(seq_lens.max()) > ROWWISE_EXTEND_MAX_CONTEXT:
+            return super().extend(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+        return paged_extend_attention_cpu(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
 
 
 def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -13,12 +13,15 @@ from glmserve.kernels import cpu_native
 def test_cpu_attention_benchmark_writes_every_point(tmp_path, capsys):
     out = tmp_path / "cpu_attention.json"
     assert main(["cpu-attention", "--batch", "5", "--context", "1:70", "--heads", "4/2x32,6/6x20",
-                 "--iterations", "2", "--out", str(out)]) == 0
+                 "--prefill-lens", "3,40", "--iterations", "2", "--out", str(out)]) == 0
     points = json.loads(out.read_text())["points"]
-    assert [(p["heads"], p["kv_heads"], p["head_dim"], p["batch"]) for p in points] == [(4, 2, 32, 5), (6, 6, 20, 5)]
+    decode, prefill = points[:2], points[2:]
+    assert [(p["heads"], p["kv_heads"], p["head_dim"], p["batch"]) for p in decode] == [(4, 2, 32, 5), (6, 6, 20, 5)]
+    assert [(p["heads"], p["prompt_tokens"]) for p in prefill] == [(4, 3), (4, 40), (6, 3), (6, 40)]
     for point in points:
         assert point["max_abs_diff"] < 1e-5             # the native kernel agrees with the torch reference
-        assert 5 <= point["context_tokens"] <= 5 * 70 and point["native_ms"] > 0 and point["torch_ms"] > 0
+        assert point["native_ms"] > 0 and point["torch_ms"] > 0
+    assert all(5 <= p["context_tokens"] <= 5 * 70 for p in decode)
     assert "native ms" in capsys.readouterr().out
 
 
@@ -39,6 +42,7 @@ def test_cpu_attention_benchmark_without_the_native_kernels_is_a_clear_error(mon
     (["--heads", "8x64"], "an attention shape is H/KVHxD"),
     (["--heads", "8/3x64"], "H a multiple of KVH"),
     (["--batch", "0"], "must be positive"),
+    (["--prefill-lens", "128,x"], "--prefill-lens takes comma-separated positive integers"),
 ])
 def test_cpu_attention_benchmark_rejects_malformed_arguments(capsys, args, message):
     assert main(["cpu-attention", *args]) == 2

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmserve.kernels.cpu_attention import paged_decode_attention_cpu, write_kv_cache_cpu
+from glmserve.engine import attention
+from glmserve.engine.attention import CpuAttentionBackend
+from glmserve.kernels.cpu_attention import paged_decode_attention_cpu, paged_extend_attention_cpu, write_kv_cache_cpu
 from glmserve.kernels.cpu_native import native_cpu_available
-from glmserve.kernels.reference import paged_decode_attention_ref, write_kv_cache_ref
+from glmserve.kernels.reference import paged_decode_attention_ref, paged_extend_attention_ref, write_kv_cache_ref
 
 pytestmark = pytest.mark.skipif(not native_cpu_available(),
                                 reason="the native CPU kernels did not build here (no C compiler?)")
@@ -76,3 +78,38 @@ def test_kv_write_refuses_a_slot_outside_the_cache():
     k_cache, v_cache = torch.zeros(4, 16, 2, 32), torch.zeros(4, 16, 2, 32)
     with pytest.raises(IndexError, match="outside the cache's 64 slots"):
         write_kv_cache_cpu(key, key, k_cache, v_cache, torch.tensor([3, 64]))
+
+
+def _extend_case(chunks, lens, heads=8, kv_heads=2, head_dim=64, block_size=16):
+    """Sequences whose last chunks[b] tokens (of lens[b]) are queries, back to back."""
+    query, k_cache, v_cache, block_tables, seq_lens = _case(len(lens), heads, kv_heads, head_dim, block_size, lens)
+    total = sum(chunks)
+    generator = torch.Generator().manual_seed(7)
+    flat_query = torch.randn(total, heads + 2 * kv_heads, head_dim, generator=generator)[:, :heads]
+    starts = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32)
+    return flat_query, k_cache, v_cache, block_tables, starts, seq_lens
+
+
+@pytest.mark.parametrize("chunks, lens", [
+    ([37], [37]),                        # a whole prompt
+    ([5, 16, 1, 40], [5, 70, 33, 40]),   # whole prompts and chunks over cached prefixes (prefix hits, chunking)
+    ([0, 9], [12, 9]),                   # a sequence with no query token in this step
+])
+def test_rowwise_extend_matches_reference(chunks, lens):
+    args = _extend_case(chunks, lens)
+    torch.testing.assert_close(paged_extend_attention_cpu(*args, scale=0.125),
+                               paged_extend_attention_ref(*args, scale=0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_sends_long_contexts_to_the_tiled_torch_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "ROWWISE_EXTEND_MAX_CONTEXT", 40)
+    monkeypatch.setattr(attention, "paged_extend_attention_cpu",
+                        lambda *a: calls.append("rowwise") or paged_extend_attention_cpu(*a))
+    backend = CpuAttentionBackend()
+    short = _extend_case([5, 16], [5, 40])
+    long = _extend_case([5, 16], [5, 41])
+    torch.testing.assert_close(backend.extend(*short, 0.125), paged_extend_attention_ref(*short, 0.125))
+    assert calls == ["rowwise"]
+    torch.testing.assert_close(backend.extend(*long, 0.125), paged_extend_attention_ref(*long, 0.125))
+    assert calls == ["rowwise"]                 # 41 tokens: SDPA's tiles
