@@ -14,8 +14,8 @@ _MAX_HEADS = 256    # query heads the C code has room for (MAX_HEADS_PER_ITEM)
 # Prefill/extend chunks of sequences up to this many tokens run through the decode kernel, one query token per
 # row: each row re-reads its prefix, from L2 while the prefix is short, so no tiling is needed. Beyond that torch's
 # SDPA, which tiles queries over each key block, catches up (`glmserve-bench cpu-attention`, prefill table, 2-core
-# AMD EPYC: 1.05-1.8x faster than SDPA for 128-512-token prompts with glm-small's and ChatGLM3-6B's heads, about
-# even at 1024, slower at 2048 with glm-small's).
+# AMD EPYC, two runs: 1.05-1.9x faster than SDPA for 128-512-token prompts with glm-small's and ChatGLM3-6B's heads,
+# about even at 1024, 0.8x at 2048 with glm-small's).
 ROWWISE_EXTEND_MAX_CONTEXT = 1024
 
 
