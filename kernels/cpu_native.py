@@ -74,11 +74,17 @@ def build(compiler: str, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     texts = [path.read_text() for path in sorted(SOURCE_DIR.glob("*.[ch]"))]
     key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_identity()]).encode())
+    name = f"glmserve_cpu_{key.hexdigest()[:16]}.so"
     directory = _cache_dir() / "native"
-    library = directory / f"glmserve_cpu_{key.hexdigest()[:16]}.so"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        # An unwritable home (a read-only container filesystem): build into this user's temporary directory.
+        directory = Path(tempfile.gettempdir()) / f"glmserve-{os.getuid()}" / "native"
+        directory.mkdir(parents=True, exist_ok=True)
+    library = directory / name
     if library.exists():
         return library
-    directory.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename into place: processes starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         built = Path(scratch) / library.name

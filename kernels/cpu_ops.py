@@ -47,7 +47,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, rms_norm(x + residual)); x: [T, dim]. The native path adds into ``x`` in place, so x must be
     the caller's own activation (never a parameter or a view someone else reads)."""
-    if not (_native(x, weight) and x.is_contiguous() and (residual is None or _native(residual))):
+    if not (_native(x, weight) and x.dim() == 2 and x.is_contiguous() and (residual is None or _native(residual))):
         if residual is not None:
             x = x + residual
         return x, rms_norm_ref(x, weight, eps)

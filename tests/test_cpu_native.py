@@ -3,6 +3,7 @@ falls back to torch with the same results; the "cpu" attention backend gives the
 from __future__ import annotations
 
 import logging
+import os
 import platform
 
 import pytest
@@ -114,3 +115,13 @@ def test_portable_build_without_avx2_agrees_with_torch(tmp_path, monkeypatch):
     with torch.inference_mode():
         gate_up = torch.randn(4, 2 * 64, generator=generator) * 6
         torch.testing.assert_close(cpu_ops.silu_mul(gate_up), cpu_ops.silu_mul_ref(gate_up), rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_an_unusable_cache_directory_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv(cpu_native.ENV_CACHE_DIR, str(blocker / "cache"))     # cannot be created under a file
+    monkeypatch.setattr(cpu_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    built = cpu_native.build(cpu_native._compiler())
+    assert built.parent == tmp_path / "tmp" / f"glmserve-{os.getuid()}" / "native" and built.exists()
