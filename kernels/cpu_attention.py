@@ -44,10 +44,16 @@ def paged_decode_attention_cpu(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
+    longest = int(seq_lens.max())
+    if longest > block_tables.shape[1] * block_size:     # the C code would read past the table
+        raise ValueError(f"a sequence of {longest} tokens needs more than the block table's "
+                         f"{block_tables.shape[1]} blocks of {block_size}")
     status = lib.glmserve_paged_decode_f32(
         query.data_ptr(), query.stride(0), query.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         block_tables.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), batch, num_heads, num_kv_heads, head_dim,
         block_size, block_tables.shape[1], float(scale), torch.get_num_threads())
+    if status == 2:
+        raise ValueError(f"native CPU attention takes at most {_MAX_HEADS} query heads, got {num_heads}")
     if status != 0:
         raise MemoryError("native CPU attention could not allocate its score buffer")
     return out

@@ -60,6 +60,18 @@ def test_decode_of_an_empty_batch_and_of_an_empty_context():
     assert torch.equal(out[0], torch.zeros(4, 32))        # nothing to attend to: zeros, not NaN
 
 
+def test_decode_refuses_a_context_longer_than_its_block_table():
+    query, k_cache, v_cache, block_tables, _ = _case(2, 4, 2, 32, 16, [20, 20])      # 2 blocks per row
+    with pytest.raises(ValueError, match="needs more than the block table's 2 blocks of 16"):
+        paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, torch.tensor([20, 33], dtype=torch.int32), 0.2)
+
+
+def test_decode_refuses_more_query_heads_than_it_has_room_for():
+    query, k_cache, v_cache, block_tables, seq_lens = _case(1, 512, 1, 8, 16, [3])
+    with pytest.raises(ValueError, match="at most 256 query heads, got 512"):
+        paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, 0.2)
+
+
 def test_kv_write_matches_reference_and_skips_padding():
     generator = torch.Generator().manual_seed(3)
     qkv = torch.randn(6, 8 + 2 * 2, 32, generator=generator)           # [T, H + 2 KVH, D]
