@@ -107,7 +107,8 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         return load(build(compiler))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+    # OSError: no cache directory or an unloadable file; AttributeError: a function missing from the library.
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
         logger.warning("native CPU kernels unavailable (%s): staying in torch", exc)
         return None
 
