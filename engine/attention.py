@@ -18,6 +18,8 @@ from glmserve.kernels.cpu_native import native_cpu_available
 from glmserve.kernels.reference import (paged_decode_attention_ref, paged_extend_attention_ref,
                                         write_kv_cache_ref)
 
+from .config import ConfigError
+
 
 @dataclass
 class AttentionMetadata:
@@ -89,6 +91,15 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return paged_extend_attention_cpu(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
 
 
+def check_cpu_backend(device: str) -> None:
+    """Why attention_backend 'cpu' cannot run here, as a ConfigError (the engine config and the factory share it)."""
+    if device != "cpu":
+        raise ConfigError(f"attention_backend 'cpu' runs on the CPU only, got device {device!r}")
+    if not native_cpu_available():
+        raise ConfigError("attention_backend 'cpu' needs its native kernel, which did not build here (no C "
+                          f"compiler, or {NATIVE_SWITCH}=0): use 'torch' or 'auto'")
+
+
 def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     """``auto`` picks Triton on CUDA, else the native CPU backend where it builds, else plain torch."""
     if name == "auto":
@@ -99,11 +110,7 @@ def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "torch":
         return TorchAttentionBackend()
     if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"attention_backend 'cpu' runs on the CPU only, not on {device.type}")
-        if not native_cpu_available():
-            raise ValueError("attention_backend 'cpu' needs its native kernel, which did not build here (no C "
-                             f"compiler, or {NATIVE_SWITCH}=0): use 'torch' or 'auto'")
+        check_cpu_backend(str(device))
         return CpuAttentionBackend()
     if name == "triton":
         from glmserve.kernels.backend import TritonAttentionBackend

@@ -221,14 +221,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
-    def _check_cpu_backend(self) -> None:
-        if str(self.device) != "cpu":
-            raise ConfigError(f"attention_backend 'cpu' runs on the CPU only, got device {self.device!r}")
-        from glmserve.kernels.cpu_native import ENV_SWITCH, native_cpu_available
-        if not native_cpu_available():
-            raise ConfigError("attention_backend 'cpu' needs its native kernel, which did not build here (no C "
-                              f"compiler, or {ENV_SWITCH}=0): use 'torch' or 'auto'")
-
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "bin", "dummy"):
             raise ConfigError(f"load_format must be auto, safetensors, bin or dummy, got {self.load_format!r}")
@@ -237,7 +229,8 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
             raise ConfigError(f"attention_backend must be auto, torch, cpu or triton, got {self.attention_backend!r}")
         if self.attention_backend == "cpu":
-            self._check_cpu_backend()
+            from .attention import check_cpu_backend     # imported here: attention imports this module
+            check_cpu_backend(str(self.device))
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):
