@@ -25,7 +25,10 @@ def offline() -> LLM:
 def test_generate_matches_the_offline_engine(client, offline, stream):
     expected = offline.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0.0))[0].outputs[0]
     chunks = list(client.generate(PROMPT, max_tokens=12, temperature=0.0, stream=stream))
-    assert len(chunks) == (12 if stream else 1)
+    # A stream sends a chunk per step, unless the reader fell behind and the server merged its pending deltas
+    # (the async engine coalesces them), so under load there may be fewer, never more, and none is empty.
+    assert (1 <= len(chunks) <= 12) if stream else len(chunks) == 1
+    assert all(c.token_ids for c in chunks)
     assert all(not c.finished for c in chunks[:-1]) and chunks[-1].finished
     (sample,) = collect(chunks)
     assert sample.text == expected.text

@@ -63,7 +63,7 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(own_server):
     server = own_server()
     with server.client() as c:
         stream = c.generate("hello", max_tokens=300, ignore_eos=True, temperature=0.0)
-        next(stream)
+        first = next(stream)
         drain = asyncio.run_coroutine_threadsafe(server.server.drain(timeout=30), server.loop)
         eventually(lambda: c.health() == "NOT_SERVING", what="health NOT_SERVING")
         assert c.health(SERVICE) == "NOT_SERVING"
@@ -71,7 +71,8 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(own_server):
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.details()
         assert c.load().num_running == 1     # read-only calls still answer during a drain
         rest = list(stream)
-        assert rest[-1].finish_reason == "length" and len(rest) == 299
+        # Every token arrives, though a reader that falls behind gets several per chunk.
+        assert rest[-1].finish_reason == "length" and sum(len(chunk.token_ids) for chunk in [first, *rest]) == 300
         assert drain.result(timeout=30) == (1, True)
 
 
