@@ -1,10 +1,11 @@
 """CPU paged attention: the torch reference (gather the blocks, then SDPA) against the native kernel.
 
-``glmserve-bench cpu-attention [--batch 64] [--context 16:768] [--heads 8/2x64,32/2x128] [--prefill-lens ...]``
-builds a paged KV cache with blocks scattered through the pool, as the engine's are, and times for one layer
-(1) one decode step of the batch and (2) the whole prefill of one prompt of each length, both ways; it prints
-milliseconds per call, the ratio, the KV bytes read per second by the native decode kernel and the largest
-|difference| between the two outputs. It is the measurement behind ``kernels/cpu_attention.py``.
+``glmserve-bench cpu-attention [--batch 64] [--context 16:768] [--heads 8/2x64,32/2x128] [--prefill-lens ...]
+[--dtype float32|bfloat16]`` builds a paged KV cache with blocks scattered through the pool, as the engine's are,
+and times for one layer (1) one decode step of the batch and (2) the whole prefill of one prompt of each length,
+both ways; it prints milliseconds per call, the ratio, the KV bytes read per second by the native decode kernel and
+the largest |difference| between the two outputs (with bfloat16, up to one bf16 rounding step of the output). It
+is the measurement behind ``kernels/cpu_attention.py``.
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from .micro import time_ms, write_points
 
 # glm-small's attention (8 query heads, 2 KV groups, head_dim 64) and ChatGLM3-6B's (32 / 2 / 128).
 DEFAULT_HEADS = "8/2x64,32/2x128"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class AttentionPoint:
+    dtype: str                   # of the query and the KV cache
     heads: int
     kv_heads: int
     head_dim: int
@@ -43,6 +46,7 @@ class AttentionPoint:
 
 @dataclass
 class PrefillPoint:
+    dtype: str
     heads: int
     kv_heads: int
     head_dim: int
@@ -61,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-lens", default="128,264,512,1024,2048",
                         help="comma-separated prompt lengths for the prefill table ('' for none)")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="query and KV-cache type (bfloat16: what a bf16 model on the CPU runs)")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -100,6 +106,10 @@ def _lengths(text: str) -> list[int]:
     return lengths
 
 
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
 @torch.inference_mode()
 def measure(heads: int, kv_heads: int, head_dim: int, args: argparse.Namespace) -> AttentionPoint:
     rng = random.Random(args.seed)
@@ -108,15 +118,18 @@ def measure(heads: int, kv_heads: int, head_dim: int, args: argparse.Namespace) 
     k_cache, v_cache, block_tables = _paged_cache(max(lens), kv_heads, head_dim, args.block_size, args.batch, gen)
     # Query rows strided as the engine's are (views into the fused QKV projection).
     query = torch.randn(args.batch, heads + 2 * kv_heads, head_dim, generator=gen)[:, :heads]
+    dtype = DTYPES[args.dtype]
+    query, k_cache, v_cache = query.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = head_dim ** -0.5
     inputs = (query, k_cache, v_cache, block_tables, seq_lens, scale)
-    diff = (paged_decode_attention_cpu(*inputs) - paged_decode_attention_ref(*inputs)).abs().max().item()
+    diff = _max_abs_diff(paged_decode_attention_cpu(*inputs), paged_decode_attention_ref(*inputs))
     torch_ms = time_ms(lambda: paged_decode_attention_ref(*inputs), args.iterations)
     native_ms = time_ms(lambda: paged_decode_attention_cpu(*inputs), args.iterations)
-    kv_bytes = 2 * sum(lens) * kv_heads * head_dim * 4
-    return AttentionPoint(heads, kv_heads, head_dim, args.batch, sum(lens), round(torch_ms, 3), round(native_ms, 3),
-                          round(torch_ms / native_ms, 2), round(kv_bytes / native_ms / 1e6, 1), diff)
+    kv_bytes = 2 * sum(lens) * kv_heads * head_dim * k_cache.element_size()
+    return AttentionPoint(args.dtype, heads, kv_heads, head_dim, args.batch, sum(lens), round(torch_ms, 3),
+                          round(native_ms, 3), round(torch_ms / native_ms, 2), round(kv_bytes / native_ms / 1e6, 1),
+                          diff)
 
 
 @torch.inference_mode()
@@ -124,13 +137,15 @@ def measure_prefill(heads: int, kv_heads: int, head_dim: int, prompt: int, args:
     gen = torch.Generator().manual_seed(args.seed)
     k_cache, v_cache, block_tables = _paged_cache(prompt, kv_heads, head_dim, args.block_size, 1, gen)
     query = torch.randn(prompt, heads + 2 * kv_heads, head_dim, generator=gen)[:, :heads]
+    dtype = DTYPES[args.dtype]
+    query, k_cache, v_cache = query.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
     inputs = (query, k_cache, v_cache, block_tables, torch.tensor([0, prompt], dtype=torch.int32),
               torch.tensor([prompt], dtype=torch.int32), head_dim ** -0.5)
-    diff = (paged_extend_attention_cpu(*inputs) - paged_extend_attention_ref(*inputs)).abs().max().item()
+    diff = _max_abs_diff(paged_extend_attention_cpu(*inputs), paged_extend_attention_ref(*inputs))
     iterations = max(2, args.iterations // 4)
     torch_ms = time_ms(lambda: paged_extend_attention_ref(*inputs), iterations)
     native_ms = time_ms(lambda: paged_extend_attention_cpu(*inputs), iterations)
-    return PrefillPoint(heads, kv_heads, head_dim, prompt, round(torch_ms, 3), round(native_ms, 3),
+    return PrefillPoint(args.dtype, heads, kv_heads, head_dim, prompt, round(torch_ms, 3), round(native_ms, 3),
                         round(torch_ms / native_ms, 2), diff)
 
 
@@ -149,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print("glmserve-bench cpu-attention: error: the native CPU kernels did not build here (a C compiler is "
               "needed; GLMSERVE_NATIVE_CPU=0 turns them off)", file=sys.stderr)
         return 2
-    print(f"cpu-attention: decode, fp32, batch {args.batch}, context {args.context}, block {args.block_size}, "
+    print(f"cpu-attention: decode, {args.dtype}, batch {args.batch}, context {args.context}, block {args.block_size}, "
           f"{torch.get_num_threads()} threads on {cpu_model_name()}")
     print(f"{'H/KVHxD':>10} {'tokens':>7} {'torch ms':>9} {'native ms':>10} {'speed-up':>9} {'KV GB/s':>8} "
           f"{'max|diff|':>10}")

@@ -70,8 +70,9 @@ class TorchAttentionBackend:
 
 class CpuAttentionBackend(TorchAttentionBackend):
     """The CPU default where the native kernels build: the KV write, decode attention and the prefill/extend chunks
-    of short sequences run in native code (``kernels/cpu_attention.py``), reading the paged cache in place; chunks
-    of sequences longer than ``ROWWISE_EXTEND_MAX_CONTEXT`` stay on the torch path (SDPA, tiled)."""
+    of short sequences run in native code (``kernels/cpu_attention.py``; float32 and bfloat16 caches), reading the
+    paged cache in place; chunks of sequences longer than ``ROWWISE_EXTEND_MAX_CONTEXT`` stay on the torch path
+    (SDPA, tiled)."""
 
     name = "cpu"
 
@@ -81,7 +82,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         write_kv_cache_cpu(key, value, k_cache, v_cache, slot_mapping)
 
     def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
-        if not supports(query, k_cache):        # e.g. a bfloat16 model on the CPU: the torch path handles it
+        if not supports(query, k_cache):        # e.g. a float16 model on the CPU: the torch path handles it
             return super().decode(query, k_cache, v_cache, block_tables, seq_lens, scale)
         return paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, scale)
 

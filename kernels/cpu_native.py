@@ -35,9 +35,10 @@ _COMPILE_TIMEOUT_S = 180
 _i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # name: (return type, argument types), as declared in the C sources.
 _SIGNATURES = {
-    "glmserve_paged_decode_f32": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                         _i64, _i64, _i64, _i64, _i64, _i64, _float, _int]),
-    "glmserve_write_kv_f32": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64]),
+    **{f"glmserve_paged_decode_{kv}": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                              _i64, _i64, _i64, _i64, _i64, _i64, _float, _int])
+       for kv in ("f32", "bf16")},
+    "glmserve_write_kv": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64]),
     "glmserve_rms_norm_f32": (None, [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]),
     "glmserve_rotary_f32": (None, [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
     "glmserve_silu_mul_f32": (None, [_ptr, _ptr, _i64, _i64, _int]),

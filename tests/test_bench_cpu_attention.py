@@ -25,6 +25,16 @@ def test_cpu_attention_benchmark_writes_every_point(tmp_path, capsys):
     assert "native ms" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not cpu_native.native_cpu_available(), reason="the native CPU kernels did not build here")
+def test_cpu_attention_benchmark_in_bfloat16(tmp_path):
+    out = tmp_path / "cpu_attention_bf16.json"
+    assert main(["cpu-attention", "--batch", "3", "--context", "1:40", "--heads", "4/2x32", "--prefill-lens", "9",
+                 "--iterations", "1", "--dtype", "bfloat16", "--out", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [p["dtype"] for p in points] == ["bfloat16", "bfloat16"]
+    assert all(p["max_abs_diff"] < 2e-2 for p in points)     # one bf16 rounding step of outputs below 4
+
+
 def test_cpu_attention_benchmark_without_the_native_kernels_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
     cpu_native.library.cache_clear()
@@ -50,7 +60,11 @@ def test_cpu_attention_benchmark_rejects_malformed_arguments(capsys, args, messa
     assert message in err and "Traceback" not in err
 
 
-def test_cpu_attention_benchmark_rejects_a_bad_context_range(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--context", "9:3"], "expected 1 <= LOW <= HIGH"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
+])
+def test_cpu_attention_benchmark_rejects_a_bad_range_or_type(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["cpu-attention", "--context", "9:3"])
-    assert exit_info.value.code == 2 and "expected 1 <= LOW <= HIGH" in capsys.readouterr().err
+        main(["cpu-attention", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -42,6 +42,30 @@ def test_decode_matches_reference(heads, kv_heads, head_dim, block_size, batch):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (32, 2, 128), (4, 2, 20)])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_bfloat16_decode_matches_the_reference_on_the_same_values(heads, kv_heads, head_dim, batch):
+    """A bf16 model's cache is read as bf16 and widened: the same as the float32 reference on the widened values,
+    up to the rounding of the output to bf16."""
+    lens = [1, 16, 17, 300, 77, 16, 2, 129, 45][:batch]
+    query, k_cache, v_cache, block_tables, seq_lens = _case(batch, heads, kv_heads, head_dim, 16, lens, seed=batch)
+    query, k_cache, v_cache = query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
+    got = paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, head_dim ** -0.5)
+    expected = paged_decode_attention_ref(query.float(), k_cache.float(), v_cache.float(), block_tables, seq_lens,
+                                          head_dim ** -0.5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected.bfloat16(), rtol=2 ** -7, atol=1e-6)    # at most one bf16 step apart
+    out = torch.empty(batch, heads, head_dim, dtype=torch.bfloat16)
+    assert paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, head_dim ** -0.5,
+                                      out=out) is out and torch.equal(out, got)
+
+
+def test_decode_refuses_a_cache_type_it_has_no_instance_for():
+    query, k_cache, v_cache, block_tables, seq_lens = _case(2, 4, 2, 32, 16, [3, 3])
+    with pytest.raises(TypeError, match="float32 or bfloat16 caches, got torch.float16"):
+        paged_decode_attention_cpu(query.half(), k_cache.half(), v_cache.half(), block_tables, seq_lens, 0.2)
+
+
 def test_decode_writes_into_out_and_handles_extreme_scores():
     query, k_cache, v_cache, block_tables, seq_lens = _case(4, 8, 2, 64, 16, [5, 40, 90, 1])
     query = query * 40          # scores in the hundreds: the max-subtraction must keep exp finite
@@ -83,6 +107,24 @@ def test_kv_write_matches_reference_and_skips_padding():
     write_kv_cache_ref(key, value, k_ref, v_ref, slots)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
     assert int((k_cache.abs().sum(-1).sum(-1) > 0).sum()) == 4          # exactly the four real tokens
+
+
+def test_kv_write_copies_bfloat16_rows():
+    qkv = torch.randn(3, 4 + 2 * 2, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
+    key, value = qkv[:, 4:6], qkv[:, 6:8]
+    slots = torch.tensor([9, -1, 2])
+    k_cache, v_cache = torch.zeros(2, 8, 2, 32, dtype=torch.bfloat16), torch.zeros(2, 8, 2, 32, dtype=torch.bfloat16)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    write_kv_cache_cpu(key, value, k_cache, v_cache, slots)
+    write_kv_cache_ref(key, value, k_ref, v_ref, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref) and k_cache.abs().sum() > 0
+
+
+def test_kv_write_refuses_rows_of_another_type_than_the_cache():
+    key = torch.randn(2, 2, 32)
+    k_cache = torch.zeros(4, 16, 2, 32, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="must share one dtype"):
+        write_kv_cache_cpu(key, key, k_cache, k_cache.clone(), torch.tensor([3, 4]))
 
 
 def test_kv_write_refuses_a_slot_outside_the_cache():

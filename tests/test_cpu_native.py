@@ -13,6 +13,7 @@ from glmserve.engine.attention import CpuAttentionBackend, TorchAttentionBackend
 from glmserve.engine.config import ConfigError, EngineConfig
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.kernels import cpu_native, cpu_ops
+from glmserve.kernels.cpu_attention import paged_decode_attention_cpu as cpu_attention_decode
 
 from .engine_helpers import assert_no_leaks, make_engine, random_prompts, run_to_completion
 
@@ -92,6 +93,26 @@ def test_cpu_backend_gives_the_torch_backends_greedy_tokens(tiny_checkpoint):
 
 
 @needs_native
+def test_a_bfloat16_model_runs_the_native_attention_with_the_torch_backends_tokens(tiny_checkpoint, monkeypatch):
+    """bf16 on the CPU: the native kernels read the bf16 cache; the tokens are the torch backend's (whose attention
+    also computes in float32 from the same bf16 values)."""
+    from glmserve.engine import attention
+    calls = []
+    monkeypatch.setattr(attention, "paged_decode_attention_cpu",
+                        lambda *a: calls.append(a[1].dtype) or cpu_attention_decode(*a))
+    prompts = random_prompts(6, 2000, (1, 120), seed=8)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "cpu"):
+        engine = make_engine(str(tiny_checkpoint), attention_backend=backend, dtype="bfloat16")
+        assert engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+        outputs[backend] = run_to_completion(engine, {0: [(f"r{i}", p, params) for i, p in enumerate(prompts)]})
+        assert_no_leaks(engine)
+    assert outputs["cpu"] == outputs["torch"]
+    assert calls and set(calls) == {torch.bfloat16}
+
+
+@needs_native
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the portable build is checked on x86")
 def test_portable_build_without_avx2_agrees_with_torch(tmp_path, monkeypatch):
     """The C code's portable paths (what a CPU without AVX2 runs) built and checked here, whatever this CPU has."""
@@ -112,6 +133,11 @@ def test_portable_build_without_avx2_agrees_with_torch(tmp_path, monkeypatch):
     torch.testing.assert_close(
         cpu_attention.paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, 0.125),
         paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, 0.125), rtol=1e-5, atol=1e-5)
+    halves = [t.bfloat16() for t in (query, k_cache, v_cache)]
+    torch.testing.assert_close(
+        cpu_attention.paged_decode_attention_cpu(*halves, block_tables, seq_lens, 0.125),
+        paged_decode_attention_ref(*(t.float() for t in halves), block_tables, seq_lens, 0.125).bfloat16(),
+        rtol=2 ** -7, atol=1e-6)
     with torch.inference_mode():
         gate_up = torch.randn(4, 2 * 64, generator=generator) * 6
         torch.testing.assert_close(cpu_ops.silu_mul(gate_up), cpu_ops.silu_mul_ref(gate_up), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,5 @@
-/* Paged decode attention and the paged KV write for the CPU (float32), called from
- * glmserve/kernels/cpu_attention.py through ctypes.
+/* Paged decode attention and the paged KV write for the CPU, called from glmserve/kernels/cpu_attention.py
+ * through ctypes. The cache may hold float32 or bfloat16; all arithmetic is float32.
  *
  * Why native code: in torch, decode attention over a paged cache has to gather every sequence's blocks into a
  * padded copy before attending (read, write, read again, plus padding); this reads each cached K/V row once, in
@@ -7,7 +7,8 @@
  *
  * Layouts (elements, all float32 unless said):
  *   query        [B, H, D]         row b, head h at query + b*q_stride_token + h*q_stride_head (D contiguous)
- *   k/v_cache    [NB, BS, KVH, D]  contiguous; token t of sequence b is in block block_tables[b, t / BS]
+ *   k/v_cache    [NB, BS, KVH, D]  float32 or bfloat16, contiguous; token t of sequence b is in block
+ *                                  block_tables[b, t / BS]
  *   block_tables [B, MB] int32     contiguous
  *   seq_lens     [B] int32         context length of each sequence (its keys 0 .. len-1 are attended)
  *   out          [B, H, D]         contiguous
@@ -153,52 +154,89 @@ static void pv_avx2(const float *p, int64_t len, const float *v, int64_t row_str
 }
 #endif
 
-/* Asks for `width` floats of each of n rows (row_stride apart) ahead of their use. Into L2 (locality 1), not L1:
- * on the AMD EPYC (Zen 4) this was tuned on, L1 prefetches of whole blocks were slower, crowding out the loads in
- * use, and L2 is close enough for the next block's rows. */
-static inline void prefetch_rows(const float *rows, int64_t row_stride, int64_t n, int64_t width) {
+/* Asks for `width` bytes of each of n rows (row_stride bytes apart) ahead of their use. Into L2 (locality 1), not
+ * L1: on the AMD EPYC (Zen 4) this was tuned on, L1 prefetches of whole blocks were slower, crowding out the loads
+ * in use, and L2 is close enough for the next block's rows. */
+static inline void prefetch_rows(const char *rows, int64_t row_stride, int64_t n, int64_t width) {
     for (int64_t t = 0; t < n; t++)
-        for (int64_t d = 0; d < width; d += 16) __builtin_prefetch(rows + t * row_stride + d, 0, 1);
+        for (int64_t d = 0; d < width; d += 64) __builtin_prefetch(rows + t * row_stride + d, 0, 1);
+}
+
+/* What the cache holds. bfloat16 is the top half of a float32, so widening is a 16-bit shift. */
+enum kv_type { KV_F32 = 0, KV_BF16 = 1 };
+
+/* n rows (row_stride elements apart) of `width` elements, as float32 rows the score and PV loops can read: the
+ * cache itself for float32 (*stride_out = row_stride); for bfloat16, widened once into `tile` (n x width, so
+ * *stride_out = width) and then shared by the G heads of the group, instead of widening each row G times. */
+static inline const float *rows_as_f32(const char *rows, enum kv_type type, int64_t row_stride, int64_t n,
+                                       int64_t width, float *tile, int64_t *stride_out) {
+    if (type == KV_F32) {
+        *stride_out = row_stride;
+        return (const float *)rows;
+    }
+    const uint16_t *src = (const uint16_t *)rows;
+    for (int64_t t = 0; t < n; t++) {
+        const uint16_t *row = src + t * row_stride;
+        uint32_t *dst = (uint32_t *)(tile + t * width);
+        int64_t d = 0;
+#ifdef GLMSERVE_AVX2
+        for (; d + 8 <= width; d += 8) {
+            const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + d)));
+            _mm256_storeu_si256((__m256i *)(dst + d), _mm256_slli_epi32(wide, 16));
+        }
+#endif
+        for (; d < width; d++) dst[d] = (uint32_t)row[d] << 16;
+    }
+    *stride_out = width;
+    return tile;
 }
 
 /* One work item: KV heads [kv0, kv0 + nkv) of one sequence, i.e. query heads [kv0 * G, (kv0 + nkv) * G), over the
  * sequence's `len` cached tokens. Reading all of a token's KV heads together makes each block one contiguous
- * stretch of memory. q: the item's first query head; scores: scratch of nkv * G * len floats; out: [nkv * G, D]. */
-static void attend(const float *q, int64_t q_stride_head, const float *k_cache, const float *v_cache,
-                   const int32_t *block_row, int64_t len, int64_t kv0, int64_t nkv, int64_t G, int64_t KVH,
-                   int64_t D, int64_t BS, float scale, float *scores, float *out) {
-    const int64_t row_stride = KVH * D;            /* between consecutive tokens of a block */
-    const int64_t block_stride = BS * row_stride;
+ * stretch of memory. q: the item's first query head; scores: scratch of nkv * G * len floats; tile: scratch of
+ * ROWS_PER_STEP * nkv * D floats (bfloat16 caches); out: [nkv * G, D]. */
+static void attend(const float *q, int64_t q_stride_head, const char *k_cache, const char *v_cache,
+                   enum kv_type type, const int32_t *block_row, int64_t len, int64_t kv0, int64_t nkv, int64_t G,
+                   int64_t KVH, int64_t D, int64_t BS, float scale, float *scores, float *tile, float *out) {
+    const int64_t elem = type == KV_F32 ? 4 : 2;   /* bytes per cached element */
+    const int64_t row_stride = KVH * D;            /* elements between consecutive tokens of a block */
+    const int64_t block_bytes = BS * row_stride * elem;
+    const int64_t item_offset = kv0 * D * elem;    /* where the item's heads start in a token's row */
     const int64_t heads = nkv * G;
 #ifdef GLMSERVE_AVX2
     const int vector = D % 8 == 0;
 #else
     const int vector = 0;
+    (void)vector;
 #endif
     /* Pass 1: scaled scores, block by block; each K row is read from memory once for the G heads sharing it.
      * Blocks sit anywhere in the pool, so the hardware prefetcher loses the stream at every block boundary: while
      * a block's rows are used, the next block's are prefetched, a few rows at a time. */
     for (int64_t start = 0; start < len; start += BS) {
         const int64_t n = len - start < BS ? len - start : BS;
-        const float *block = k_cache + (int64_t)block_row[start / BS] * block_stride + kv0 * D;
+        const char *block = k_cache + (int64_t)block_row[start / BS] * block_bytes + item_offset;
         const int64_t ahead = start + PREFETCH_BLOCKS_AHEAD * BS;               /* first token of the block to fetch */
         int64_t next_n = len - ahead < BS ? len - ahead : BS;                    /* <= 0: no such block */
-        const float *next = next_n > 0 ? k_cache + (int64_t)block_row[ahead / BS] * block_stride + kv0 * D : NULL;
+        const char *next = next_n > 0 ? k_cache + (int64_t)block_row[ahead / BS] * block_bytes + item_offset : NULL;
         if (next == NULL && start + BS >= len) {      /* the last K block: fetch pass 2's first V block */
             next_n = len < BS ? len : BS;
-            next = v_cache + (int64_t)block_row[0] * block_stride + kv0 * D;
+            next = v_cache + (int64_t)block_row[0] * block_bytes + item_offset;
         }
         for (int64_t t0 = 0; t0 < n; t0 += ROWS_PER_STEP) {
             const int64_t m = n - t0 < ROWS_PER_STEP ? n - t0 : ROWS_PER_STEP;
             if (next != NULL && t0 < next_n)
-                prefetch_rows(next + t0 * row_stride, row_stride, next_n - t0 < m ? next_n - t0 : m, nkv * D);
+                prefetch_rows(next + t0 * row_stride * elem, row_stride * elem, next_n - t0 < m ? next_n - t0 : m,
+                              nkv * D * elem);
+            int64_t stride;
+            const float *rows = rows_as_f32(block + t0 * row_stride * elem, type, row_stride, m, nkv * D, tile,
+                                            &stride);
             for (int64_t j = 0; j < nkv; j++) {
-                const float *qj = q + j * G * q_stride_head, *k = block + t0 * row_stride + j * D;
+                const float *qj = q + j * G * q_stride_head, *k = rows + j * D;
                 float *sj = scores + j * G * len + start + t0;
 #ifdef GLMSERVE_AVX2
-                if (vector) { scores_avx2(qj, q_stride_head, k, row_stride, m, G, D, scale, sj, len); continue; }
+                if (vector) { scores_avx2(qj, q_stride_head, k, stride, m, G, D, scale, sj, len); continue; }
 #endif
-                scores_portable(qj, q_stride_head, k, row_stride, m, G, D, scale, sj, len);
+                scores_portable(qj, q_stride_head, k, stride, m, G, D, scale, sj, len);
             }
         }
     }
@@ -216,21 +254,25 @@ static void attend(const float *q, int64_t q_stride_head, const float *k_cache, 
     /* Pass 2: out[h] = sum_t p[h, t] * V[t], block by block; each V row read from memory once per group. */
     for (int64_t start = 0; start < len; start += BS) {
         const int64_t n = len - start < BS ? len - start : BS;
-        const float *block = v_cache + (int64_t)block_row[start / BS] * block_stride + kv0 * D;
+        const char *block = v_cache + (int64_t)block_row[start / BS] * block_bytes + item_offset;
         const int64_t ahead = start + PREFETCH_BLOCKS_AHEAD * BS;               /* first token of the block to fetch */
         const int64_t next_n = len - ahead < BS ? len - ahead : BS;              /* <= 0: no such block */
-        const float *next = next_n > 0 ? v_cache + (int64_t)block_row[ahead / BS] * block_stride + kv0 * D : NULL;
+        const char *next = next_n > 0 ? v_cache + (int64_t)block_row[ahead / BS] * block_bytes + item_offset : NULL;
         for (int64_t t0 = 0; t0 < n; t0 += ROWS_PER_STEP) {
             const int64_t m = n - t0 < ROWS_PER_STEP ? n - t0 : ROWS_PER_STEP;
             if (next != NULL && t0 < next_n)
-                prefetch_rows(next + t0 * row_stride, row_stride, next_n - t0 < m ? next_n - t0 : m, nkv * D);
+                prefetch_rows(next + t0 * row_stride * elem, row_stride * elem, next_n - t0 < m ? next_n - t0 : m,
+                              nkv * D * elem);
+            int64_t stride;
+            const float *rows = rows_as_f32(block + t0 * row_stride * elem, type, row_stride, m, nkv * D, tile,
+                                            &stride);
             for (int64_t j = 0; j < nkv; j++) {
-                const float *v = block + t0 * row_stride + j * D, *pj = scores + j * G * len + start + t0;
+                const float *v = rows + j * D, *pj = scores + j * G * len + start + t0;
                 float *oj = out + j * G * D;
 #ifdef GLMSERVE_AVX2
-                if (vector) { pv_avx2(pj, len, v, row_stride, m, G, D, oj); continue; }
+                if (vector) { pv_avx2(pj, len, v, stride, m, G, D, oj); continue; }
 #endif
-                pv_portable(pj, len, v, row_stride, m, G, D, oj);
+                pv_portable(pj, len, v, stride, m, G, D, oj);
             }
         }
     }
@@ -239,10 +281,10 @@ static void attend(const float *q, int64_t q_stride_head, const float *k_cache, 
 }
 
 /* Returns 0 on success, 1 when scratch memory could not be allocated, 2 when H exceeds MAX_HEADS_PER_ITEM per item. */
-int glmserve_paged_decode_f32(const float *query, int64_t q_stride_token, int64_t q_stride_head,
-                              const float *k_cache, const float *v_cache, const int32_t *block_tables,
-                              const int32_t *seq_lens, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                              int64_t BS, int64_t MB, float scale, int num_threads) {
+static int paged_decode(const float *query, int64_t q_stride_token, int64_t q_stride_head, const char *k_cache,
+                        const char *v_cache, enum kv_type type, const int32_t *block_tables, const int32_t *seq_lens,
+                        float *out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB,
+                        float scale, int num_threads) {
     const int64_t G = H / KVH;
     /* A whole sequence is one item when there are enough sequences to keep every thread busy; a small batch (a
      * latency-bound decode) splits each sequence by KV head instead. */
@@ -251,10 +293,12 @@ int glmserve_paged_decode_f32(const float *query, int64_t q_stride_token, int64_
     const int64_t items_per_seq = KVH / nkv;
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    const size_t score_floats = (size_t)(nkv * G * (max_len > 0 ? max_len : 1));
+    const size_t tile_floats = type == KV_F32 ? 0 : (size_t)(ROWS_PER_STEP * nkv * D);
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        float *scores = (float *)malloc((size_t)(nkv * G * (max_len > 0 ? max_len : 1)) * sizeof(float));
+        float *scores = (float *)malloc((score_floats + tile_floats) * sizeof(float));
         if (scores == NULL) failed = 1;
         /* Sequence lengths differ, so items are handed out dynamically. */
 #pragma omp for schedule(dynamic, 1)
@@ -265,31 +309,51 @@ int glmserve_paged_decode_f32(const float *query, int64_t q_stride_token, int64_
                 memset(o, 0, (size_t)(nkv * G * D) * sizeof(float));
                 continue;
             }
-            attend(query + b * q_stride_token + kv0 * G * q_stride_head, q_stride_head, k_cache, v_cache,
-                   block_tables + b * MB, seq_lens[b], kv0, nkv, G, KVH, D, BS, scale, scores, o);
+            attend(query + b * q_stride_token + kv0 * G * q_stride_head, q_stride_head, k_cache, v_cache, type,
+                   block_tables + b * MB, seq_lens[b], kv0, nkv, G, KVH, D, BS, scale, scores, scores + score_floats,
+                   o);
         }
         free(scores);
     }
     return failed;
 }
 
+int glmserve_paged_decode_f32(const float *query, int64_t q_stride_token, int64_t q_stride_head,
+                              const float *k_cache, const float *v_cache, const int32_t *block_tables,
+                              const int32_t *seq_lens, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                              int64_t BS, int64_t MB, float scale, int num_threads) {
+    return paged_decode(query, q_stride_token, q_stride_head, (const char *)k_cache, (const char *)v_cache, KV_F32,
+                        block_tables, seq_lens, out, B, H, KVH, D, BS, MB, scale, num_threads);
+}
+
+/* The same with bfloat16 caches (uint16 bit patterns); query and out stay float32. */
+int glmserve_paged_decode_bf16(const float *query, int64_t q_stride_token, int64_t q_stride_head,
+                               const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_tables,
+                               const int32_t *seq_lens, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                               int64_t BS, int64_t MB, float scale, int num_threads) {
+    return paged_decode(query, q_stride_token, q_stride_head, (const char *)k_cache, (const char *)v_cache, KV_BF16,
+                        block_tables, seq_lens, out, B, H, KVH, D, BS, MB, scale, num_threads);
+}
+
 /* Writes this step's K and V rows into the paged caches: token i goes to slot slot_mapping[i] (block * BS +
- * offset; -1 = a padding token, skipped). key/value: [T, KVH, D] with rows `kv_stride_token` apart (views into
- * the fused QKV output), D contiguous; caches [num_slots, KVH, D] contiguous. Returns the number of tokens whose
- * slot was out of range (not written); 0 on success. */
-int64_t glmserve_write_kv_f32(const float *key, const float *value, int64_t kv_stride_token, int64_t kv_stride_head,
-                              const int64_t *slot_mapping, int64_t T, int64_t KVH, int64_t D, float *k_cache,
-                              float *v_cache, int64_t num_slots) {
+ * offset; -1 = a padding token, skipped). key/value: [T, KVH, D] elements of elem_size bytes, rows
+ * `kv_stride_token` and heads `kv_stride_head` elements apart (views into the fused QKV output), D contiguous;
+ * caches [num_slots, KVH, D] contiguous, of the same element type. Returns the number of tokens whose slot was out
+ * of range (not written); 0 on success. */
+int64_t glmserve_write_kv(const char *key, const char *value, int64_t kv_stride_token, int64_t kv_stride_head,
+                          const int64_t *slot_mapping, int64_t T, int64_t KVH, int64_t D, char *k_cache,
+                          char *v_cache, int64_t num_slots, int64_t elem_size) {
+    const size_t row_bytes = (size_t)(D * elem_size);
     int64_t bad = 0;
     for (int64_t i = 0; i < T; i++) {
         const int64_t slot = slot_mapping[i];
         if (slot < 0) continue;
         if (slot >= num_slots) { bad++; continue; }
         for (int64_t h = 0; h < KVH; h++) {
-            memcpy(k_cache + (slot * KVH + h) * D, key + i * kv_stride_token + h * kv_stride_head,
-                   (size_t)D * sizeof(float));
-            memcpy(v_cache + (slot * KVH + h) * D, value + i * kv_stride_token + h * kv_stride_head,
-                   (size_t)D * sizeof(float));
+            const int64_t from = (i * kv_stride_token + h * kv_stride_head) * elem_size;
+            const int64_t to = (slot * KVH + h) * D * elem_size;
+            memcpy(k_cache + to, key + from, row_bytes);
+            memcpy(v_cache + to, value + from, row_bytes);
         }
     }
     return bad;
