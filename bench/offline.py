@@ -2,9 +2,10 @@
 
   glmserve-bench offline [--model glm-small] [--num-requests 128] [--input-len 16:512] [--output-len 16:256]
                          [--max-num-seqs 64] [--seed 0] [--out result.json] [--skip-hf] [--skip-hf-single]
-                         [--hf-single-requests 16]
+                         [--hf-single-requests 16] [--dtype float32|bfloat16]
 
-Three systems run the same requests (random-id prompts, fixed output lengths, greedy, eos ignored, fp32):
+Three systems run the same requests (random-id prompts, fixed output lengths, greedy, eos ignored, fp32 unless
+--dtype bfloat16, where the two implementations' roundings differ and greedy outputs may part after a while):
 glmserve's ``LLM`` with ``max_num_seqs`` = the batch size; HF ``GlmForCausalLM.generate`` on static left-padded
 batches of that size; HF one request at a time. HF gets glmserve's own weights, so greedy outputs must agree.
 The one-at-a-time baseline is slow, so its rate is measured on the first ``--hf-single-requests`` requests.
@@ -49,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-hf-single", action="store_true", help="skip the HF one-at-a-time baseline")
     parser.add_argument("--hf-single-requests", type=int, default=16,
                         help="requests the HF one-at-a-time baseline runs (its tokens/s is measured on these)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and KV cache of every system")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the systems in turn this many times and report the median ratios (a shared "
                              "machine's speed drifts between runs minutes apart)")
@@ -56,14 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype="float32", max_num_seqs=args.max_num_seqs,
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     requests = make_workload(args.num_requests, args.input_len, args.output_len, llm.tokenizer.vocab_size,
                              args.seed)
     run_glmserve(llm, WARMUP)
     if args.rounds < 1:
         raise SystemExit("glmserve-bench offline: error: --rounds must be >= 1")
-    hf_model = None if args.skip_hf else _hf_model(llm)
+    hf_model = None if args.skip_hf else _hf_model(llm, getattr(torch, args.dtype))
     results = []
     for round_index in range(args.rounds):
         llm.reset_prefix_cache()   # a later round must compute its prompts again, not find them cached
@@ -100,11 +103,11 @@ def run_glmserve(llm: LLM, requests: list[BenchRequest]) -> tuple[list[list[int]
     return outputs, system, overhead
 
 
-def _hf_model(llm: LLM):
+def _hf_model(llm: LLM, dtype: torch.dtype):
     """HF's model with a copy of the very weights glmserve runs with, whatever --model loaded."""
     from .hf_baseline import build_hf_model
     engine = llm.engine
-    return build_hf_model(engine.model_config, engine.runner.model.state_dict(), llm.tokenizer.vocab_size)
+    return build_hf_model(engine.model_config, engine.runner.model.state_dict(), llm.tokenizer.vocab_size, dtype)
 
 
 def run_hf_baselines(model, requests: list[BenchRequest], outputs: list[list[int]], args: argparse.Namespace,

@@ -98,8 +98,8 @@ class OfflineResult:
     def summary(self) -> str:
         w = self.settings
         lines = [f"offline: {w['model']}, {w['num_requests']} requests, input {w['input_len']}, output "
-                 f"{w['output_len']}, batch {w['max_num_seqs']}, greedy fp32, {self.machine.torch_threads} threads "
-                 f"on {self.machine.cpu_model}",
+                 f"{w['output_len']}, batch {w['max_num_seqs']}, greedy {w.get('dtype', 'float32')}, "
+                 f"{self.machine.torch_threads} threads on {self.machine.cpu_model}",
                  f"{'system':<34}{'requests':>10}{'out tokens':>12}{'seconds':>10}{'tokens/s':>10}"
                  f"{'others':>8}{'load':>6}"]
         lines += [_system_line(s, w["num_requests"]) for s in (self.glmserve, self.hf_static, self.hf_single)

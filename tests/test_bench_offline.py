@@ -51,6 +51,33 @@ def test_skip_hf_runs_glmserve_only(tmp_path):
     assert result["glmserve"]["num_output_tokens"] == 9
 
 
+def test_bfloat16_runs_every_system_in_bfloat16(tmp_path, capsys, monkeypatch):
+    from glmserve.bench import hf_baseline, offline
+    dtypes = []
+    real_llm, real_hf = offline.LLM, hf_baseline.build_hf_model
+
+    def llm(*args, **kwargs):
+        made = real_llm(*args, **kwargs)
+        dtypes.append(made.engine.runner.kv_caches[0][0].dtype)
+        return made
+
+    def hf_model(*args):
+        made = real_hf(*args)
+        dtypes.append(next(made.parameters()).dtype)
+        return made
+
+    monkeypatch.setattr(offline, "LLM", llm)
+    monkeypatch.setattr(hf_baseline, "build_hf_model", hf_model)
+    out = tmp_path / "offline_bf16.json"
+    assert main(["offline", "--model", "glm-tiny", "--num-requests", "3", "--input-len", "4:12", "--output-len", "3",
+                 "--skip-hf-single", "--dtype", "bfloat16", "--out", str(out)]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["settings"]["dtype"] == "bfloat16" and "greedy bfloat16" in capsys.readouterr().out
+    (static,) = result["agreement"]
+    assert static["compared"] == 3 and result["hf_static"]["num_output_tokens"] == 9
+    assert dtypes == [torch.bfloat16, torch.bfloat16]         # glmserve's KV cache, HF's weights
+
+
 def test_median_ratios_over_rounds():
     from glmserve.bench.machine import machine_info
     from glmserve.bench.offline_report import EngineOverhead, OfflineResult, SystemResult, median_ratios
