@@ -1,6 +1,7 @@
-"""CPU float32 linears: torch's ``F.linear`` (MKL) against oneDNN with the weight as stored and prepacked.
+"""CPU linears: torch's ``F.linear`` (MKL for float32) against oneDNN with the weight as stored and prepacked.
 
-``glmserve-bench cpu-linear [--shapes 65024x512,2736x512,...] [--rows 8,64,512]`` prints milliseconds per call
+``glmserve-bench cpu-linear [--shapes 65024x512,2736x512,...] [--rows 8,64,512] [--dtype float32|bfloat16]``
+prints milliseconds per call
 and multiply-adds per second for each (out x in) weight shape and row count, and the largest |difference| of each
 oneDNN result from F.linear's (the numerics check). It is the measurement behind ``engine/cpu_linear.py``.
 """
@@ -24,6 +25,7 @@ DEFAULT_SHAPES = "65024x512,2736x512,512x1368,768x512,512x512"
 
 @dataclass
 class LinearPoint:
+    dtype: str
     out_features: int
     in_features: int
     rows: int
@@ -39,25 +41,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated OUTxIN weight shapes")
     parser.add_argument("--rows", default="8,64,512", help="comma-separated input row counts")
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and inputs (bfloat16: F.linear already runs oneDNN; packing is the difference)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None)
 
 
 @torch.inference_mode()
-def measure(out_features: int, in_features: int, rows: int, iterations: int) -> LinearPoint:
+def measure(out_features: int, in_features: int, rows: int, iterations: int, dtype: str = "float32") -> LinearPoint:
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_features, in_features, generator=gen)
-    x = torch.randn(rows, in_features, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen).to(getattr(torch, dtype))
+    x = torch.randn(rows, in_features, generator=gen).to(weight.dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
     onednn = cpu_linear._onednn_linear
-    reference = F.linear(x, weight)
-    diff = max((onednn(x, weight, None) - reference).abs().max().item(),
-               (onednn(x, packed, None) - reference).abs().max().item())
+    reference = F.linear(x, weight).float()
+    diff = max((onednn(x, weight, None).float() - reference).abs().max().item(),
+               (onednn(x, packed, None).float() - reference).abs().max().item())
     f_ms = time_ms(lambda: F.linear(x, weight), iterations)
     plain_ms = time_ms(lambda: onednn(x, weight, None), iterations)
     packed_ms = time_ms(lambda: onednn(x, packed, None), iterations)
     macs = rows * out_features * in_features
-    return LinearPoint(out_features, in_features, rows, round(f_ms, 3), round(plain_ms, 3), round(packed_ms, 3),
+    return LinearPoint(dtype, out_features, in_features, rows, round(f_ms, 3), round(plain_ms, 3), round(packed_ms, 3),
                        round(macs / f_ms / 1e6, 1), round(macs / packed_ms / 1e6, 1), diff)
 
 
@@ -91,13 +95,17 @@ def run(args: argparse.Namespace) -> int:
     if not cpu_linear.onednn_linear_supported():
         print("glmserve-bench cpu-linear: error: this torch build has no working oneDNN linear", file=sys.stderr)
         return 2
-    print(f"cpu-linear: fp32, {torch.get_num_threads()} threads on {cpu_model_name()}, torch {torch.__version__}")
+    if args.dtype == "bfloat16" and not cpu_linear.onednn_bf16_packing_supported():
+        print("glmserve-bench cpu-linear: error: oneDNN has no bfloat16 kernels for this CPU", file=sys.stderr)
+        return 2
+    print(f"cpu-linear: {args.dtype}, {torch.get_num_threads()} threads on {cpu_model_name()}, "
+          f"torch {torch.__version__}")
     print(f"{'weight':>12} {'rows':>5} {'F.linear ms':>12} {'oneDNN ms':>10} {'packed ms':>10} "
           f"{'F.linear GMAC/s':>16} {'packed GMAC/s':>14} {'max|diff|':>10}")
     points = []
     for out_features, in_features in shapes:
         for n in rows:
-            p = measure(out_features, in_features, n, args.iterations)
+            p = measure(out_features, in_features, n, args.iterations, args.dtype)
             points.append(p)
             print(f"{out_features:>6}x{in_features:<5} {n:>5} {p.f_linear_ms:>12.3f} {p.onednn_ms:>10.3f} "
                   f"{p.onednn_packed_ms:>10.3f} {p.f_linear_gmacs:>16.1f} {p.onednn_packed_gmacs:>14.1f} "

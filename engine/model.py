@@ -203,8 +203,8 @@ class GLMForCausalLM(nn.Module):
         return sum(p.numel() * p.element_size() for p in self.parameters()) + packed_weight_bytes(self)
 
     def pack_for_cpu_inference(self) -> int:
-        """Swap the linears' weights for oneDNN-blocked copies (CPU float32; cpu_linear.py). After loading, before
-        serving; returns how many layers were packed."""
+        """Swap the linears' weights for oneDNN-blocked copies (CPU float32 or bfloat16; cpu_linear.py). After
+        loading, before serving; returns how many layers were packed."""
         return pack_linears(self)
 
     @property

@@ -44,7 +44,7 @@ class ModelRunner:
         self.config: ModelConfig = model.config
         self.device, self.dtype = model.weights_device, model.weights_dtype
         if self.device.type == "cpu":
-            model.pack_for_cpu_inference()      # float32 linears only; a no-op for other dtypes
+            model.pack_for_cpu_inference()      # float32 and bfloat16 linears; a no-op for float16
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)

@@ -33,15 +33,18 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-
 _COMPILE_TIMEOUT_S = 180
 
 _i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-# name: (return type, argument types), as declared in the C sources.
+# name: (return type, argument types), as declared in the C sources. Most come once per activation dtype: the
+# ones in _PER_DTYPE exist as NAME_f32 and NAME_bf16 with the same arguments (pointers are untyped here).
+_PER_DTYPE = {
+    "glmserve_paged_decode": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                     _i64, _i64, _i64, _i64, _i64, _i64, _float, _int]),
+    "glmserve_rms_norm": (None, [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]),
+    "glmserve_rotary": (None, [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
+    "glmserve_silu_mul": (None, [_ptr, _ptr, _i64, _i64, _int]),
+}
 _SIGNATURES = {
-    **{f"glmserve_paged_decode_{kv}": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                              _i64, _i64, _i64, _i64, _i64, _i64, _float, _int])
-       for kv in ("f32", "bf16")},
+    **{f"{name}_{suffix}": signature for name, signature in _PER_DTYPE.items() for suffix in ("f32", "bf16")},
     "glmserve_write_kv": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64]),
-    "glmserve_rms_norm_f32": (None, [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]),
-    "glmserve_rotary_f32": (None, [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
-    "glmserve_silu_mul_f32": (None, [_ptr, _ptr, _i64, _i64, _int]),
 }
 
 

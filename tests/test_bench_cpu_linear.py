@@ -23,6 +23,15 @@ def test_cpu_linear_benchmark_writes_every_point(tmp_path, capsys):
     assert "F.linear ms" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not cpu_linear.onednn_bf16_packing_supported(), reason="oneDNN has no bf16 kernels here")
+def test_cpu_linear_benchmark_in_bfloat16(tmp_path):
+    out = tmp_path / "cpu_linear_bf16.json"
+    assert main(["cpu-linear", "--shapes", "96x32", "--rows", "3", "--iterations", "1", "--dtype", "bfloat16",
+                 "--out", str(out)]) == 0
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["dtype"] == "bfloat16" and point["max_abs_diff"] < 0.1     # within bf16 rounding of outputs ~10
+
+
 def test_cpu_linear_benchmark_without_onednn_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv(cpu_linear.ENV_SWITCH, "0")
     cpu_linear.onednn_linear_supported.cache_clear()

@@ -1,5 +1,6 @@
-"""engine/cpu_linear.py: the oneDNN fp32 linears agree with a float64 reference, plain and packed; packing drops
-the plain weight and unpacking restores it exactly; they fall back where they must (autograd, other dtypes)."""
+"""engine/cpu_linear.py: the oneDNN fp32 linears agree with a float64 reference, plain and packed; packed bf16
+weights give F.linear's bf16 results; packing drops the plain weight and unpacking restores it exactly; they fall
+back where they must (autograd, other dtypes)."""
 from __future__ import annotations
 
 import pytest
@@ -78,14 +79,34 @@ def test_packing_drops_the_plain_weight_and_unpacking_restores_it_exactly():
 
 
 @needs_onednn
-def test_pack_linears_packs_large_float32_layers_only(monkeypatch):
+def test_pack_linears_packs_large_float32_and_bfloat16_layers_only(monkeypatch):
     monkeypatch.setattr(cpu_linear, "PACK_MIN_WEIGHT_ELEMENTS", 1000)
     model = torch.nn.Sequential(Linear(40, 30), Linear(30, 20), Linear(40, 30).to(torch.bfloat16),
-                                torch.nn.Linear(40, 30))
-    assert pack_linears(model) == 1                   # 1200 elements; 600 is too small; bf16; not our Linear
-    assert model[0]._packed is not None and model[1]._packed is None and model[2]._packed is None
-    with pytest.raises(TypeError, match="float32 CPU inputs"):
+                                Linear(40, 30).to(torch.float16), torch.nn.Linear(40, 30))
+    bf16 = cpu_linear.onednn_bf16_packing_supported()
+    # 1200 elements; 600 is too small; bf16 where oneDNN has bf16 kernels; fp16 never; not our Linear
+    assert pack_linears(model) == 1 + bf16
+    assert model[0]._packed is not None and model[1]._packed is None and (model[2]._packed is not None) == bf16
+    assert model[3]._packed is None
+    with pytest.raises(TypeError, match="takes torch.float32 CPU inputs, got torch.bfloat16"):
         model[0](torch.randn(2, 40, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_bf16_packing_supported(), reason="oneDNN has no bf16 kernels here")
+@pytest.mark.parametrize("rows", [1, 64])
+def test_packed_bfloat16_gives_f_linears_result(rows):
+    torch.manual_seed(rows)
+    layer = Linear(96, 200).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    reference = _float64_reference(layer, x)
+    with torch.inference_mode():
+        expected = F.linear(x, layer.weight, layer.bias)
+        assert layer.pack() is True
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    # F.linear's bf16 matmul is oneDNN's too; the blocked layout may only change the summation order.
+    torch.testing.assert_close(out, expected, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(out.double(), reference, rtol=2 ** -6, atol=5e-2)
 
 
 def test_autograd_and_other_dtypes_use_f_linear():
@@ -93,11 +114,11 @@ def test_autograd_and_other_dtypes_use_f_linear():
     out = layer(torch.randn(2, 8))                   # grad mode, weight requires grad: must be differentiable
     out.sum().backward()
     assert layer.weight.grad is not None
-    half = Linear(8, 4).to(torch.bfloat16)
-    assert half.pack() is False                       # bf16 stays on F.linear, unpacked
+    half = Linear(8, 4).to(torch.float16)
+    assert half.pack() is False                       # fp16 stays on F.linear, unpacked
     with torch.inference_mode():
-        y = half(torch.randn(2, 8, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16
+        y = half(torch.randn(2, 8, dtype=torch.float16))
+    assert y.dtype == torch.float16
 
 
 def test_switch_off_by_environment(monkeypatch):

@@ -1,7 +1,9 @@
-/* Fused elementwise ops of a GLM layer for the CPU (float32), called through ctypes from
+/* Fused elementwise ops of a GLM layer for the CPU (float32 and bfloat16), called through ctypes from
  * glmserve/kernels/cpu_ops.py. Each replaces a chain of small torch ops whose per-op dispatch and thread start-up
  * cost more than the arithmetic at decode batch sizes. Compiled with -ffp-contract=off, so the rotary and the
- * per-element parts of the norm round exactly as torch's separate multiplies and adds do.
+ * per-element parts of the norm round exactly as torch's separate multiplies and adds do. The bfloat16 versions
+ * compute in float32 and round to bfloat16 wherever torch's bf16 ops would (after the residual add, after silu,
+ * after the product, at each output).
  */
 #include <math.h>
 #include <stddef.h>
@@ -65,5 +67,72 @@ void glmserve_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64
         }
 #endif
         for (; i < ffn; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* ---- bfloat16 (uint16 bit patterns; weights, activations and outputs bf16, cos/sin float32) ----------------- */
+
+/* As glmserve_rms_norm_f32: x[r] = bf16(x[r] + residual_in[r]) in place, then out = bf16(weight * (x * inv_rms))
+ * with the statistics in float32. */
+void glmserve_rms_norm_bf16(uint16_t *x, int64_t x_stride, const uint16_t *residual_in, const uint16_t *weight,
+                            uint16_t *out, int64_t rows, int64_t dim, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * dim >= 16384)
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *xr = x + r * x_stride;
+        float sum_sq[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < dim; i++) {
+            float v = bf16_to_f32(xr[i]);
+            if (residual_in != NULL) {
+                xr[i] = f32_to_bf16(v + bf16_to_f32(residual_in[r * dim + i]));
+                v = bf16_to_f32(xr[i]);
+            }
+            sum_sq[i & 7] += v * v;
+        }
+        const float total = ((sum_sq[0] + sum_sq[4]) + (sum_sq[1] + sum_sq[5])) +
+                            ((sum_sq[2] + sum_sq[6]) + (sum_sq[3] + sum_sq[7]));
+        const float inv_rms = 1.0f / sqrtf(total / (float)dim + eps);
+        uint16_t *o = out + r * dim;
+        for (int64_t i = 0; i < dim; i++) o[i] = f32_to_bf16(bf16_to_f32(weight[i]) * (bf16_to_f32(xr[i]) * inv_rms));
+    }
+}
+
+/* As glmserve_rotary_f32 on bfloat16 x, rounding each rotated feature back to bf16. */
+void glmserve_rotary_bf16(uint16_t *x, int64_t tokens, int64_t heads, int64_t token_stride, int64_t head_stride,
+                          int64_t rot, const float *cos, const float *sin, int num_threads) {
+    const int64_t half = rot / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens * heads * rot >= 16384)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos + t * half, *s = sin + t * half;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *v = x + t * token_stride + h * head_stride;
+            for (int64_t i = 0; i < half; i++) {
+                const float x0 = bf16_to_f32(v[2 * i]), x1 = bf16_to_f32(v[2 * i + 1]);
+                v[2 * i] = f32_to_bf16(x0 * c[i] - x1 * s[i]);
+                v[2 * i + 1] = f32_to_bf16(x1 * c[i] + x0 * s[i]);
+            }
+        }
+    }
+}
+
+/* As glmserve_silu_mul_f32 on bfloat16: out = bf16(bf16(silu(g)) * u), as torch's bf16 silu and multiply. */
+void glmserve_silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t ffn, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * ffn >= 16384)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gate_up + r * 2 * ffn, *u = g + ffn;
+        uint16_t *o = out + r * ffn;
+        int64_t i = 0;
+#ifdef GLMSERVE_AVX2
+        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+        for (; i + 8 <= ffn; i += 8) {
+            const __m256 gv = load8_bf16(g + i);
+            uint16_t silu[8];
+            store8_bf16(silu, _mm256_div_ps(gv, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(zero, gv)))));
+            store8_bf16(o + i, _mm256_mul_ps(load8_bf16(silu), load8_bf16(u + i)));
+        }
+#endif
+        for (; i < ffn; i++) {
+            const float gi = bf16_to_f32(g[i]);
+            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gi / (1.0f + expf(-gi)))) * bf16_to_f32(u[i]));
+        }
     }
 }

@@ -27,7 +27,7 @@
 /* How far ahead rows are prefetched, in blocks (1 measured better than 2 or 3). */
 #define PREFETCH_BLOCKS_AHEAD 1
 
-#include "vec_math.h"     /* dot, exp_avx2; defines GLMSERVE_AVX2 where AVX2 + FMA are there */
+#include "vec_math.h"     /* dot, exp_avx2, bf16 widening; defines GLMSERVE_AVX2 where AVX2 + FMA are there */
 
 /* ---- portable path: any head_dim, any x86/ARM target ------------------------------------------------------ */
 
@@ -162,7 +162,7 @@ static inline void prefetch_rows(const char *rows, int64_t row_stride, int64_t n
         for (int64_t d = 0; d < width; d += 64) __builtin_prefetch(rows + t * row_stride + d, 0, 1);
 }
 
-/* What the cache holds. bfloat16 is the top half of a float32, so widening is a 16-bit shift. */
+/* What the cache holds. */
 enum kv_type { KV_F32 = 0, KV_BF16 = 1 };
 
 /* n rows (row_stride elements apart) of `width` elements, as float32 rows the score and PV loops can read: the
@@ -177,15 +177,12 @@ static inline const float *rows_as_f32(const char *rows, enum kv_type type, int6
     const uint16_t *src = (const uint16_t *)rows;
     for (int64_t t = 0; t < n; t++) {
         const uint16_t *row = src + t * row_stride;
-        uint32_t *dst = (uint32_t *)(tile + t * width);
+        float *dst = tile + t * width;
         int64_t d = 0;
 #ifdef GLMSERVE_AVX2
-        for (; d + 8 <= width; d += 8) {
-            const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + d)));
-            _mm256_storeu_si256((__m256i *)(dst + d), _mm256_slli_epi32(wide, 16));
-        }
+        for (; d + 8 <= width; d += 8) _mm256_storeu_ps(dst + d, load8_bf16(row + d));
 #endif
-        for (; d < width; d++) dst[d] = (uint32_t)row[d] << 16;
+        for (; d < width; d++) dst[d] = bf16_to_f32(row[d]);
     }
     *stride_out = width;
     return tile;

@@ -16,6 +16,19 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
+/* bfloat16 is the top half of a float32: widening is a shift; narrowing rounds to nearest even, as torch's
+ * conversion does (a NaN whose payload sits only in the dropped bits would round to infinity; activations have
+ * none). */
+static inline float bf16_to_f32(uint16_t x) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float x) {
+    union { float f; uint32_t u; } v = {.f = x};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define GLMSERVE_AVX2 1
@@ -43,6 +56,18 @@ static inline __m256 exp_avx2(__m256 x) {
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
     y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), overflow);
     return _mm256_andnot_ps(underflow, y);
+}
+
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* Eight floats to bfloat16 (round to nearest even, as f32_to_bf16). */
+static inline void store8_bf16(uint16_t *p, __m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
 }
 #endif
 
