@@ -1,4 +1,5 @@
-"""Float32 linear layers on the CPU through oneDNN instead of torch's default BLAS.
+"""Linear layers on the CPU through oneDNN: float32 instead of torch's default BLAS, and packed weights (float32
+and bfloat16).
 
 Why: torch's CPU ``F.linear``/``matmul`` call MKL's sgemm, which on this project's AMD EPYC machines runs
 1.2-1.5x (layer shapes) to 2-4x (the 65024-row output layer at decode batch sizes) slower than oneDNN's matmul on

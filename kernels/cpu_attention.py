@@ -4,8 +4,8 @@ Why: in torch, decode attention over a paged cache first gathers every sequence'
 (read, write, read again, plus padding); the kernel reads each cached K/V row once, in place, prefetching the
 next block, and the G query heads of a group share each row while it is in L1.
 
-Caches of float32 or bfloat16 (a bf16 model on the CPU: half the bytes to read, widened to float32 as they are
-loaded). The arithmetic is float32 either way: a bf16 query is widened first and the output rounded back to bf16.
+Caches of float32 or bfloat16 (a bf16 model on the CPU: half the bytes to read, widened to float32 eight rows at a
+time). The arithmetic is float32 either way: a bf16 query is widened first and the output rounded back to bf16.
 """
 from __future__ import annotations
 
