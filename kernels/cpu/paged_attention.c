@@ -188,6 +188,26 @@ static inline const float *rows_as_f32(const char *rows, enum kv_type type, int6
     return tile;
 }
 
+/* How one work item reads its rows of the cache; the same in both passes. */
+struct item_rows {
+    enum kv_type type;
+    int64_t row_stride;     /* elements between consecutive tokens of a block */
+    int64_t elem;           /* bytes per cached element */
+    int64_t width;          /* elements of a token the item reads: its nkv heads of D */
+    float *tile;            /* bfloat16: scratch for ROWS_PER_STEP widened rows */
+};
+
+/* Rows t0 .. t0 + m of `block` as float32 (rows_as_f32), after asking for the same rows of `next` (the block to be
+ * read after this one, next_n tokens long; NULL: none) to be prefetched while these are in use. */
+static inline const float *step_rows(const struct item_rows *r, const char *block, const char *next, int64_t next_n,
+                                     int64_t t0, int64_t m, int64_t *stride_out) {
+    if (next != NULL && t0 < next_n)
+        prefetch_rows(next + t0 * r->row_stride * r->elem, r->row_stride * r->elem, next_n - t0 < m ? next_n - t0 : m,
+                      r->width * r->elem);
+    return rows_as_f32(block + t0 * r->row_stride * r->elem, r->type, r->row_stride, m, r->width, r->tile,
+                       stride_out);
+}
+
 /* One work item: KV heads [kv0, kv0 + nkv) of one sequence, i.e. query heads [kv0 * G, (kv0 + nkv) * G), over the
  * sequence's `len` cached tokens. Reading all of a token's KV heads together makes each block one contiguous
  * stretch of memory. q: the item's first query head; scores: scratch of nkv * G * len floats; tile: scratch of
@@ -200,6 +220,7 @@ static void attend(const float *q, int64_t q_stride_head, const char *k_cache, c
     const int64_t block_bytes = BS * row_stride * elem;
     const int64_t item_offset = kv0 * D * elem;    /* where the item's heads start in a token's row */
     const int64_t heads = nkv * G;
+    const struct item_rows item = {type, row_stride, elem, nkv * D, tile};
 #ifdef GLMSERVE_AVX2
     const int vector = D % 8 == 0;
 #else
@@ -221,12 +242,8 @@ static void attend(const float *q, int64_t q_stride_head, const char *k_cache, c
         }
         for (int64_t t0 = 0; t0 < n; t0 += ROWS_PER_STEP) {
             const int64_t m = n - t0 < ROWS_PER_STEP ? n - t0 : ROWS_PER_STEP;
-            if (next != NULL && t0 < next_n)
-                prefetch_rows(next + t0 * row_stride * elem, row_stride * elem, next_n - t0 < m ? next_n - t0 : m,
-                              nkv * D * elem);
             int64_t stride;
-            const float *rows = rows_as_f32(block + t0 * row_stride * elem, type, row_stride, m, nkv * D, tile,
-                                            &stride);
+            const float *rows = step_rows(&item, block, next, next_n, t0, m, &stride);
             for (int64_t j = 0; j < nkv; j++) {
                 const float *qj = q + j * G * q_stride_head, *k = rows + j * D;
                 float *sj = scores + j * G * len + start + t0;
@@ -257,12 +274,8 @@ static void attend(const float *q, int64_t q_stride_head, const char *k_cache, c
         const char *next = next_n > 0 ? v_cache + (int64_t)block_row[ahead / BS] * block_bytes + item_offset : NULL;
         for (int64_t t0 = 0; t0 < n; t0 += ROWS_PER_STEP) {
             const int64_t m = n - t0 < ROWS_PER_STEP ? n - t0 : ROWS_PER_STEP;
-            if (next != NULL && t0 < next_n)
-                prefetch_rows(next + t0 * row_stride * elem, row_stride * elem, next_n - t0 < m ? next_n - t0 : m,
-                              nkv * D * elem);
             int64_t stride;
-            const float *rows = rows_as_f32(block + t0 * row_stride * elem, type, row_stride, m, nkv * D, tile,
-                                            &stride);
+            const float *rows = step_rows(&item, block, next, next_n, t0, m, &stride);
             for (int64_t j = 0; j < nkv; j++) {
                 const float *v = rows + j * D, *pj = scores + j * G * len + start + t0;
                 float *oj = out + j * G * D;
