@@ -121,6 +121,9 @@ class OfflineResult:
             lines.append(f"greedy outputs equal to {a.baseline}: {a.agree}/{a.compared}"
                          + (f"; first mismatches (request, position): "
                             f"{[(m.request, m.position) for m in a.mismatches[:8]]}" if a.mismatches else ""))
+        if self.agreement and w.get("dtype", "float32") != "float32":
+            lines.append("  (bfloat16: the two implementations round differently, so greedy outputs part where two "
+                         "logits are close; float32 is the correctness comparison)")
         return "\n".join(lines)
 
 

@@ -39,7 +39,8 @@ def test_offline_benchmark_tiny(tmp_path, capsys):
     agreement = {a["baseline"]: a for a in result["agreement"]}
     assert agreement["HF static batches"]["agree"] == agreement["HF static batches"]["compared"] == 5
     assert agreement["HF one at a time"]["agree"] == agreement["HF one at a time"]["compared"] == 2
-    assert "glmserve / HF static batching" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "glmserve / HF static batching" in printed and "correctness comparison" not in printed
 
 
 def test_skip_hf_runs_glmserve_only(tmp_path):
@@ -72,7 +73,9 @@ def test_bfloat16_runs_every_system_in_bfloat16(tmp_path, capsys, monkeypatch):
     assert main(["offline", "--model", "glm-tiny", "--num-requests", "3", "--input-len", "4:12", "--output-len", "3",
                  "--skip-hf-single", "--dtype", "bfloat16", "--out", str(out)]) == 0
     result = json.loads(out.read_text(encoding="utf-8"))
-    assert result["settings"]["dtype"] == "bfloat16" and "greedy bfloat16" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert result["settings"]["dtype"] == "bfloat16" and "greedy bfloat16" in printed
+    assert "float32 is the correctness comparison" in printed
     (static,) = result["agreement"]
     assert static["compared"] == 3 and result["hf_static"]["num_output_tokens"] == 9
     assert dtypes == [torch.bfloat16, torch.bfloat16]         # glmserve's KV cache, HF's weights
