@@ -50,6 +50,15 @@ void glmserve_rotary_f32(float *x, int64_t tokens, int64_t heads, int64_t token_
     }
 }
 
+/* silu(g) = g / (1 + exp(-g)), in float32: one scalar and one 8-wide form, shared by both dtypes' SwiGLU. */
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+#ifdef GLMSERVE_AVX2
+static inline __m256 silu8(__m256 g) {
+    return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+#endif
+
 /* SwiGLU: out[r, i] = silu(gate_up[r, i]) * gate_up[r, ffn + i], silu(g) = g / (1 + exp(-g)).
  * gate_up: [rows, 2 * ffn] contiguous (gate first, as ChatGLM's dense_h_to_4h); out: [rows, ffn] contiguous. */
 void glmserve_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t ffn, int num_threads) {
@@ -59,14 +68,10 @@ void glmserve_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64
         float *o = out + r * ffn;
         int64_t i = 0;
 #ifdef GLMSERVE_AVX2
-        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-        for (; i + 8 <= ffn; i += 8) {
-            const __m256 gv = _mm256_loadu_ps(g + i);
-            const __m256 e = exp_avx2(_mm256_sub_ps(zero, gv));
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-        }
+        for (; i + 8 <= ffn; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
 #endif
-        for (; i < ffn; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        for (; i < ffn; i++) o[i] = silu(g[i]) * u[i];
     }
 }
 
@@ -122,17 +127,13 @@ void glmserve_silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows
         uint16_t *o = out + r * ffn;
         int64_t i = 0;
 #ifdef GLMSERVE_AVX2
-        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
         for (; i + 8 <= ffn; i += 8) {
-            const __m256 gv = load8_bf16(g + i);
-            uint16_t silu[8];
-            store8_bf16(silu, _mm256_div_ps(gv, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(zero, gv)))));
-            store8_bf16(o + i, _mm256_mul_ps(load8_bf16(silu), load8_bf16(u + i)));
+            uint16_t rounded[8];      /* silu's output rounded to bf16 first, as torch's bf16 silu returns it */
+            store8_bf16(rounded, silu8(load8_bf16(g + i)));
+            store8_bf16(o + i, _mm256_mul_ps(load8_bf16(rounded), load8_bf16(u + i)));
         }
 #endif
-        for (; i < ffn; i++) {
-            const float gi = bf16_to_f32(g[i]);
-            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gi / (1.0f + expf(-gi)))) * bf16_to_f32(u[i]));
-        }
+        for (; i < ffn; i++)
+            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(silu(bf16_to_f32(g[i])))) * bf16_to_f32(u[i]));
     }
 }
