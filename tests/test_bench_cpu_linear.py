@@ -52,3 +52,17 @@ def test_cpu_linear_benchmark_rejects_malformed_arguments(capsys, flag, value, m
     assert main(["cpu-linear", flag, value]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cpu_linear_benchmark_rejects_an_unknown_dtype(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cpu-linear", "--dtype", "float16"])
+    assert exit_info.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_linear_supported(), reason="no working oneDNN linear in this torch")
+def test_cpu_linear_benchmark_in_bfloat16_without_bf16_kernels_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(cpu_linear, "onednn_bf16_packing_supported", lambda: False)
+    assert main(["cpu-linear", "--shapes", "8x8", "--rows", "1", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "no bfloat16 kernels for this CPU" in err and "Traceback" not in err

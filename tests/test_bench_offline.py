@@ -81,6 +81,12 @@ def test_bfloat16_runs_every_system_in_bfloat16(tmp_path, capsys, monkeypatch):
     assert dtypes == [torch.bfloat16, torch.bfloat16]         # glmserve's KV cache, HF's weights
 
 
+def test_an_unknown_dtype_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["offline", "--model", "glm-tiny", "--dtype", "float16"])
+    assert exit_info.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+
+
 def test_median_ratios_over_rounds():
     from glmserve.bench.machine import machine_info
     from glmserve.bench.offline_report import EngineOverhead, OfflineResult, SystemResult, median_ratios
