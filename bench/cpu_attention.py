@@ -82,6 +82,16 @@ def _paged_cache(num_tokens: int, kv_heads: int, head_dim: int, block_size: int,
     return k_cache, v_cache, block_tables
 
 
+def _operands(query_rows: int, heads: int, kv_heads: int, head_dim: int, num_tokens: int, cache_rows: int,
+              args: argparse.Namespace, gen: torch.Generator):
+    """(query [query_rows, heads, head_dim], k_cache, v_cache, block_tables) in --dtype; the query rows strided as
+    the engine's are (views into the fused QKV projection)."""
+    k_cache, v_cache, block_tables = _paged_cache(num_tokens, kv_heads, head_dim, args.block_size, cache_rows, gen)
+    query = torch.randn(query_rows, heads + 2 * kv_heads, head_dim, generator=gen)[:, :heads]
+    dtype = DTYPES[args.dtype]
+    return query.to(dtype), k_cache.to(dtype), v_cache.to(dtype), block_tables
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     """'H/KVHxD' -> (heads, kv_heads, head_dim)."""
     try:
@@ -115,11 +125,8 @@ def measure(heads: int, kv_heads: int, head_dim: int, args: argparse.Namespace) 
     rng = random.Random(args.seed)
     lens = [args.context.draw(rng) for _ in range(args.batch)]
     gen = torch.Generator().manual_seed(args.seed)
-    k_cache, v_cache, block_tables = _paged_cache(max(lens), kv_heads, head_dim, args.block_size, args.batch, gen)
-    # Query rows strided as the engine's are (views into the fused QKV projection).
-    query = torch.randn(args.batch, heads + 2 * kv_heads, head_dim, generator=gen)[:, :heads]
-    dtype = DTYPES[args.dtype]
-    query, k_cache, v_cache = query.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
+    query, k_cache, v_cache, block_tables = _operands(args.batch, heads, kv_heads, head_dim, max(lens), args.batch,
+                                                      args, gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = head_dim ** -0.5
     inputs = (query, k_cache, v_cache, block_tables, seq_lens, scale)
@@ -135,10 +142,7 @@ def measure(heads: int, kv_heads: int, head_dim: int, args: argparse.Namespace) 
 @torch.inference_mode()
 def measure_prefill(heads: int, kv_heads: int, head_dim: int, prompt: int, args: argparse.Namespace) -> PrefillPoint:
     gen = torch.Generator().manual_seed(args.seed)
-    k_cache, v_cache, block_tables = _paged_cache(prompt, kv_heads, head_dim, args.block_size, 1, gen)
-    query = torch.randn(prompt, heads + 2 * kv_heads, head_dim, generator=gen)[:, :heads]
-    dtype = DTYPES[args.dtype]
-    query, k_cache, v_cache = query.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
+    query, k_cache, v_cache, block_tables = _operands(prompt, heads, kv_heads, head_dim, prompt, 1, args, gen)
     inputs = (query, k_cache, v_cache, block_tables, torch.tensor([0, prompt], dtype=torch.int32),
               torch.tensor([prompt], dtype=torch.int32), head_dim ** -0.5)
     diff = _max_abs_diff(paged_extend_attention_cpu(*inputs), paged_extend_attention_ref(*inputs))
