@@ -1,17 +1,23 @@
 """Packaging for glmserve.
 
-The top-level folders install under one import namespace (``glmserve.engine`` -> ``engine/`` and so on) so that
-no bare ``kernels`` or ``proto`` module shadows a PyPI package of the same name.
+The top-level folders install under one import namespace: ``glmserve.engine`` is ``engine/``, ``glmserve.kernels``
+is ``kernels/``, ``glmserve.proto`` is ``proto/``, ``glmserve.bench`` is ``bench/``. Those folders (and ``glmserve``
+itself) are PEP 420 namespace packages, with no ``__init__.py``: a Python started in the repo root has the root on
+``sys.path`` (``python -m pytest``, ``python -c``), and a folder there with an ``__init__.py`` would shadow an
+installed distribution of the same bare name (HF's ``kernels``, which transformers imports, or proto-plus's
+``proto``). A namespace portion never wins over a regular package, so the installed one is found first. Only their
+subfolders (``engine/core``, ``kernels/triton``, ...) are regular packages.
 """
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
-PACKAGE_DIRS = {
-    "glmserve": "glmserve",
-    "glmserve.engine": "engine",
-    "glmserve.kernels": "kernels",
-    "glmserve.proto": "proto",
-    "glmserve.bench": "bench",
-}
+TOP_LEVEL = {"glmserve.engine": "engine", "glmserve.kernels": "kernels", "glmserve.proto": "proto",
+             "glmserve.bench": "bench"}
+PACKAGE_DIRS = dict(TOP_LEVEL)
+for name, folder in TOP_LEVEL.items():
+    for sub in find_namespace_packages(where=folder, exclude=["*__pycache__*", "*.egg-info*"]):
+        if sub.split(".")[0] in ("data", "results", "assets", "csrc"):
+            continue   # folders of data files, shipped as package data below
+        PACKAGE_DIRS[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
 # The committed stubs (proto/generate.py, grpcio-tools 1.85.1) check these runtime versions at import.
 GRPC = [
@@ -31,8 +37,9 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"glmserve.engine": ["assets/*"], "glmserve.proto": ["*.proto"], "glmserve.bench": ["*.sh", "data/*"],
-                  "glmserve.kernels": ["cpu/*.c", "cpu/*.h"]},   # compiled on first use (kernels/cpu_native.py)
+    package_data={"glmserve.engine.text": ["assets/*"], "glmserve.proto": ["*.proto"],
+                  "glmserve.bench": ["*.sh"], "glmserve.bench.serve": ["data/*"],
+                  "glmserve.kernels.cpu": ["csrc/*.c", "csrc/*.h"]},   # compiled on first use (kernels/cpu/native.py)
     install_requires=[
         "torch>=2.5,<3",   # scaled_dot_product_attention(enable_gqa=...)
         "triton>=3.0",
@@ -54,7 +61,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "glmserve=glmserve.engine.cli:main",
+            "glmserve=glmserve.engine.entrypoints.cli.main:main",
             "glmserve-bench=glmserve.bench.cli:main",
         ]
     },

@@ -24,17 +24,17 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "offline": Subcommand("glmserve.bench.offline",
+    "offline": Subcommand("glmserve.bench.offline.command",
                           "offline throughput: glmserve against HF generate (static batches, one at a time)"),
     "frontend": Subcommand("glmserve.bench.frontend", "the gRPC frontend's own cost: streams through gRPC vs in-process"),
-    "serve": Subcommand("glmserve.bench.serve", "load-test a running gRPC server (latency, throughput, goodput)"),
+    "serve": Subcommand("glmserve.bench.serve.command", "load-test a running gRPC server (latency, throughput, goodput)"),
     "long-context": Subcommand("glmserve.bench.long_context", "a 32768-token prompt on the CPU: time and peak memory"),
     "tp-memory": Subcommand("glmserve.bench.tp_memory", "per-rank weight memory under tensor parallelism (CPU, gloo)"),
-    "cpu-linear": Subcommand("glmserve.bench.cpu_linear",
+    "cpu-linear": Subcommand("glmserve.bench.kernels.cpu_linear",
                              "CPU fp32 linears: F.linear (MKL) against oneDNN, as stored and prepacked"),
-    "cpu-attention": Subcommand("glmserve.bench.cpu_attention",
+    "cpu-attention": Subcommand("glmserve.bench.kernels.cpu_attention",
                                 "CPU paged decode attention: the torch reference against the native kernel"),
-    "decode": Subcommand("glmserve.bench.decode_throughput",
+    "decode": Subcommand("glmserve.bench.kernels.decode_throughput",
                          "end-to-end decode throughput against the bandwidth roofline and HF generate (GPU)"),
 }
 

@@ -24,13 +24,13 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from glmserve.engine.client import SERVING, AsyncGenerationClient, GenerationClient
+from glmserve.engine.entrypoints.grpc.client import SERVING, AsyncGenerationClient, GenerationClient
 
-from .serve import BenchConfig, BenchError, benchmark
-from .serve_datasets import IntRange
-from .serve_report import RunResult, result_json, run_table
+from glmserve.bench.serve.command import BenchConfig, BenchError, benchmark
+from glmserve.bench.serve.datasets import IntRange
+from glmserve.bench.serve.report import RunResult, result_json, run_table
 
-SERVE_COMMAND = [sys.executable, "-m", "glmserve.engine.cli", "serve", "--model", "glm-tiny", "--host", "127.0.0.1",
+SERVE_COMMAND = [sys.executable, "-m", "glmserve.engine.entrypoints.cli.main", "serve", "--model", "glm-tiny", "--host", "127.0.0.1",
                  "--port", "0", "--metrics-port", "0"]
 SERVING_LINE = re.compile(r"glmserve: serving on \S+:(\d+) metrics on (\d+)")
 DRAIN_LINE = "glmserve: drained"

@@ -20,15 +20,15 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from glmserve.engine.async_engine import AsyncEngine
-from glmserve.engine.client import AsyncGenerationClient
-from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from glmserve.engine.engine import Engine
-from glmserve.engine.sampling_params import SamplingParams
-from glmserve.engine.server import GenerationServer, ServerOptions
-from glmserve.engine.server_thread import ServerThread
+from glmserve.engine.runtime.async_engine import AsyncEngine
+from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
+from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.entrypoints.grpc.server import GenerationServer, ServerOptions
+from glmserve.engine.entrypoints.grpc.server_thread import ServerThread
 
-from .machine import machine_info
+from glmserve.bench.common.machine import machine_info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

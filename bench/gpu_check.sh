@@ -46,8 +46,8 @@ run_step() {
 
 run_step install 40 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 run_step kernel_tests 140 "$PYTHON" -m pytest -q tests/kernels tests/test_cuda_graph.py
-run_step kernel_bench 100 "$PYTHON" -m glmserve.bench.kernels --out "$RESULTS/kernels.json"
-run_step decode_bench 150 "$PYTHON" -m glmserve.bench.decode_throughput --out "$RESULTS/decode.json"
+run_step kernel_bench 100 "$PYTHON" -m glmserve.bench.kernels.triton_kernels --out "$RESULTS/kernels.json"
+run_step decode_bench 150 "$PYTHON" -m glmserve.bench.kernels.decode_throughput --out "$RESULTS/decode.json"
 
 echo
 echo "=== summary"

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(args: argparse.Namespace) -> LongContextResult:
-    from glmserve.engine.llm import LLM
-    from glmserve.engine.sampling_params import SamplingParams
+    from glmserve.engine.entrypoints.llm import LLM
+    from glmserve.engine.core.sampling_params import SamplingParams
     llm = LLM(args.model, max_num_seqs=1, max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_blocks=-(-(args.prompt_len + args.max_tokens) // 16))
     config = llm.engine.model_config

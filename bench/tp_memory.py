@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from glmserve.engine.llm import LLM
-from glmserve.engine.parallel_memory import RankMemory, measure_rank_memory, resident_bytes
+from glmserve.engine.entrypoints.llm import LLM
+from glmserve.engine.distributed.memory import RankMemory, measure_rank_memory, resident_bytes
 
 MIB = 1024 * 1024
 # The KV cache is not what this measures: 16 blocks of 16 tokens keep it out of the picture.

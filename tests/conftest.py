@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from .paths import REPO_ROOT
+
 # Triton kernels run in the interpreter on machines without CUDA; it must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_ENV = "GLMSERVE_CHATGLM3_TOKENIZER"
 
 
@@ -46,14 +47,14 @@ def chatglm3_tokenizer_path() -> Path:
 @pytest.fixture(scope="session")
 def real_tokenizer(chatglm3_tokenizer_path):
     """The official ChatGLM3 tokenizer (skips without it)."""
-    from glmserve.engine.tokenizer import ChatGLMTokenizer
+    from glmserve.engine.text.tokenizer import ChatGLMTokenizer
     return ChatGLMTokenizer.from_file(chatglm3_tokenizer_path)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The embedded tokenizer of the glm-tiny demo model."""
-    from glmserve.engine.tokenizer import ChatGLMTokenizer, embedded_tokenizer_path
+    from glmserve.engine.text.tokenizer import ChatGLMTokenizer, embedded_tokenizer_path
     return ChatGLMTokenizer.from_file(embedded_tokenizer_path())
 
 
@@ -70,8 +71,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A glm-tiny checkpoint directory in the real ChatGLM3 format (fp32 safetensors, embedded tokenizer)."""
     import torch
 
-    from glmserve.engine.checkpoint_writer import write_checkpoint
-    from glmserve.engine.config import MODEL_PRESETS
-    from glmserve.engine.tokenizer import embedded_tokenizer_path
+    from glmserve.engine.model.checkpoint_writer import write_checkpoint
+    from glmserve.engine.config.engine_config import MODEL_PRESETS
+    from glmserve.engine.text.tokenizer import embedded_tokenizer_path
     return write_checkpoint(tmp_path_factory.mktemp("glm-tiny"), MODEL_PRESETS["glm-tiny"],
                             embedded_tokenizer_path(), dtype=torch.float32, seed=0)

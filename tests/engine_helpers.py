@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import random
 
-from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from glmserve.engine.engine import Engine
-from glmserve.engine.outputs import RequestOutput
+from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.core.outputs import RequestOutput
 
 
 def make_engine(model: str, *, num_kv_blocks: int | None = 512, block_size: int = 16, max_num_seqs: int = 64,

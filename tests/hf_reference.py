@@ -1,13 +1,13 @@
 """HF transformers' GlmForCausalLM built from ChatGLM3 weights: the independent reference of the tests.
 
-The config and the weight mapping (GLM3_FACTS.md) live in ``glmserve.bench.hf_glm``, shared with the benchmarks.
+The config and the weight mapping (GLM3_FACTS.md) live in ``glmserve.bench.common.hf_glm``, shared with the benchmarks.
 """
 from __future__ import annotations
 
 import torch
 
-from glmserve.bench.hf_glm import hf_config, hf_state_dict
-from glmserve.engine.config import ModelConfig
+from glmserve.bench.common.hf_glm import hf_config, hf_state_dict
+from glmserve.engine.config.engine_config import ModelConfig
 
 
 def build_hf_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32):

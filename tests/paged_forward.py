@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from glmserve.engine.attention import AttentionMetadata, attention_context, make_attention_backend
-from glmserve.engine.model import GLMForCausalLM
+from glmserve.engine.attention.backends import AttentionMetadata, attention_context, make_attention_backend
+from glmserve.engine.model.glm import GLMForCausalLM
 
 
 class PagedSequence:

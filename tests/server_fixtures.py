@@ -18,11 +18,11 @@ from typing import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from glmserve.engine.client import GenerationClient
-from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from glmserve.engine.engine import Engine
-from glmserve.engine.server import ServerOptions
-from glmserve.engine.server_thread import ServerThread
+from glmserve.engine.entrypoints.grpc.client import GenerationClient
+from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.entrypoints.grpc.server import ServerOptions
+from glmserve.engine.entrypoints.grpc.server_thread import ServerThread
 
 MODEL = "glm-tiny"
 SEED = 0
@@ -142,7 +142,7 @@ class ServeProcess:
     """``glmserve serve --model glm-tiny --port 0 ...`` as a child process, its stdout read on a thread."""
 
     def __init__(self, *extra_args: str, timeout: float = 120):
-        cmd = [sys.executable, "-m", "glmserve.engine.cli", "serve", "--model", MODEL, "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "glmserve.engine.entrypoints.cli.main", "serve", "--model", MODEL, "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "0", "--num-kv-blocks", str(NUM_KV_BLOCKS),
                "--attention-backend", "torch", *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

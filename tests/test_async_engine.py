@@ -5,10 +5,10 @@ import asyncio
 
 import pytest
 
-from glmserve.engine.async_engine import AsyncEngine, _coalesce
-from glmserve.engine.errors import DuplicateRequestError, RequestError
-from glmserve.engine.outputs import CompletionOutput, RequestOutput
-from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.runtime.async_engine import AsyncEngine, _coalesce
+from glmserve.engine.core.errors import DuplicateRequestError, RequestError
+from glmserve.engine.core.outputs import CompletionOutput, RequestOutput
+from glmserve.engine.core.sampling_params import SamplingParams
 
 from .engine_helpers import assert_no_leaks, make_engine
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from glmserve.bench.cli import main
-from glmserve.kernels import cpu_native
+from glmserve.kernels.cpu import native as cpu_native
 
 
 @pytest.mark.skipif(not cpu_native.native_cpu_available(), reason="the native CPU kernels did not build here")

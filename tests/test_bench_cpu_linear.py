@@ -6,7 +6,7 @@ import json
 import pytest
 
 from glmserve.bench.cli import main
-from glmserve.engine import cpu_linear
+from glmserve.engine.model import cpu_linear
 
 
 @pytest.mark.skipif(not cpu_linear.onednn_linear_supported(), reason="no working oneDNN linear in this torch")

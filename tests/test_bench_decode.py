@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from glmserve.bench.decode_throughput import main
+from glmserve.bench.kernels.decode_throughput import main
 
 
 def test_decode_benchmark_smoke_on_cpu(tmp_path):

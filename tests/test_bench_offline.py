@@ -53,7 +53,8 @@ def test_skip_hf_runs_glmserve_only(tmp_path):
 
 
 def test_bfloat16_runs_every_system_in_bfloat16(tmp_path, capsys, monkeypatch):
-    from glmserve.bench import hf_baseline, offline
+    from glmserve.bench.offline import hf_baseline
+    from glmserve.bench.offline import command as offline
     dtypes = []
     real_llm, real_hf = offline.LLM, hf_baseline.build_hf_model
 
@@ -88,8 +89,8 @@ def test_an_unknown_dtype_is_a_clear_error(capsys):
 
 
 def test_median_ratios_over_rounds():
-    from glmserve.bench.machine import machine_info
-    from glmserve.bench.offline_report import EngineOverhead, OfflineResult, SystemResult, median_ratios
+    from glmserve.bench.common.machine import machine_info
+    from glmserve.bench.offline.report import EngineOverhead, OfflineResult, SystemResult, median_ratios
 
     def round_result(ours: float, static: float) -> OfflineResult:
         system = lambda name, seconds: SystemResult(name, 1, 100, seconds, 0.0, 0.0)   # noqa: E731

@@ -10,13 +10,13 @@ import math
 import pytest
 
 from glmserve.bench import cli
-from glmserve.bench.serve import BenchConfig, benchmark, build_prompts
-from glmserve.bench.serve_chaos import check_idle
-from glmserve.bench.serve_datasets import IntRange, multiturn_prompts, random_prompts
-from glmserve.bench.serve_report import LATENCIES, result_json
-from glmserve.bench.serve_runner import Planned, run_plan
-from glmserve.bench.serve_server_stats import Peaks, poll_peaks
-from glmserve.engine.client import AsyncGenerationClient
+from glmserve.bench.serve.command import BenchConfig, benchmark, build_prompts
+from glmserve.bench.serve.chaos import check_idle
+from glmserve.bench.serve.datasets import IntRange, multiturn_prompts, random_prompts
+from glmserve.bench.serve.report import LATENCIES, result_json
+from glmserve.bench.serve.runner import Planned, run_plan
+from glmserve.bench.serve.server_stats import Peaks, poll_peaks
+from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
 
 from .server_fixtures import session_server, shared_server  # noqa: F401
 

@@ -10,15 +10,15 @@ import statistics
 
 import pytest
 
-from glmserve.bench.serve_arrivals import arrival_offsets, parse_rates
-from glmserve.bench.serve_chaos import KINDS, ChaosReport, plan_chaos, status_counts
-from glmserve.bench.serve_client import RequestRecord
-from glmserve.bench.serve_datasets import (SHAREGPT_SAMPLE, Exchange, IntRange, load_sharegpt, multiturn_prompts,
+from glmserve.bench.serve.arrivals import arrival_offsets, parse_rates
+from glmserve.bench.serve.chaos import KINDS, ChaosReport, plan_chaos, status_counts
+from glmserve.bench.serve.client import RequestRecord
+from glmserve.bench.serve.datasets import (SHAREGPT_SAMPLE, Exchange, IntRange, load_sharegpt, multiturn_prompts,
                                            random_prompts, sharegpt_prompts)
-from glmserve.bench.serve_metrics import compute_metrics, latency_stats, parse_slo, percentile
-from glmserve.bench.serve_report import RunResult, csv_text, result_json, run_table
-from glmserve.bench.serve_server_stats import Counters, Peaks, figures, parse_counters
-from glmserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from glmserve.bench.serve.metrics import compute_metrics, latency_stats, parse_slo, percentile
+from glmserve.bench.serve.report import RunResult, csv_text, result_json, run_table
+from glmserve.bench.serve.server_stats import Counters, Peaks, figures, parse_counters
+from glmserve.engine.core.sampling_params import SamplingParams, SamplingParamsError
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """BlockManager: allocation, ref counts, LRU free list, chained-hash prefix caching, invariants."""
 from __future__ import annotations
 
-from glmserve.engine.block_manager import BlockManager, hash_block
-from glmserve.engine.request import Request
-from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.core.block_manager import BlockManager, hash_block
+from glmserve.engine.core.request import Request
+from glmserve.engine.core.sampling_params import SamplingParams
 
 
 def _req(rid: str, tokens: list[int]) -> Request:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from glmserve.engine.cli import main as cli_main
+from glmserve.engine.entrypoints.cli.main import main as cli_main
 
 from .server_fixtures import scripted_replies, session_server, shared_server  # noqa: F401 (fixtures)
 

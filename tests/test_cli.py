@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from glmserve.engine.cli import main
+from glmserve.engine.entrypoints.cli.main import main
 
 
 def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -46,8 +46,8 @@ def test_generate_chat_file_on_a_preset(tmp_path, capsys):
     assert code == 0 and json.loads(out)["finish_reason"] in ("stop", "length")
     code, out, _ = _run_cli(capsys, "tokenize", "--model", "glm-tiny", "--chat", str(chat))
     ids = [int(t) for t in out.split()]
-    from glmserve.engine.chat_format import build_chat_prompt, messages_from_json
-    from glmserve.engine.tokenizer import ChatGLMTokenizer, embedded_tokenizer_path
+    from glmserve.engine.text.chat_format import build_chat_prompt, messages_from_json
+    from glmserve.engine.text.tokenizer import ChatGLMTokenizer, embedded_tokenizer_path
     tok = ChatGLMTokenizer.from_file(embedded_tokenizer_path())
     assert ids == build_chat_prompt(tok, messages_from_json(json.loads(chat.read_text())))
 
@@ -81,7 +81,7 @@ def test_bad_chat_file_content(tmp_path, capsys):
 
 
 def test_unknown_flag_through_the_console_script():
-    proc = subprocess.run([sys.executable, "-m", "glmserve.engine.cli", "generate", "--bogus"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "glmserve.engine.entrypoints.cli.main", "generate", "--bogus"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "unrecognized arguments" in proc.stderr or "required" in proc.stderr
@@ -89,7 +89,7 @@ def test_unknown_flag_through_the_console_script():
 
 
 def test_cpu_backend_without_its_native_kernels_is_one_line_and_exit_2(capsys, monkeypatch):
-    from glmserve.kernels import cpu_native
+    from glmserve.kernels.cpu import native as cpu_native
     monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
     cpu_native.library.cache_clear()
     cpu_native.native_cpu_available.cache_clear()

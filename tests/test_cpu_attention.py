@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmserve.engine import attention
-from glmserve.engine.attention import CpuAttentionBackend
-from glmserve.kernels.cpu_attention import paged_decode_attention_cpu, paged_extend_attention_cpu, write_kv_cache_cpu
-from glmserve.kernels.cpu_native import native_cpu_available
-from glmserve.kernels.reference import paged_decode_attention_ref, paged_extend_attention_ref, write_kv_cache_ref
+from glmserve.engine.attention import backends as attention
+from glmserve.engine.attention.backends import CpuAttentionBackend
+from glmserve.kernels.cpu.attention import paged_decode_attention_cpu, paged_extend_attention_cpu, write_kv_cache_cpu
+from glmserve.kernels.cpu.native import native_cpu_available
+from glmserve.kernels.reference.attention import paged_decode_attention_ref, paged_extend_attention_ref, write_kv_cache_ref
 
 pytestmark = pytest.mark.skipif(not native_cpu_available(),
                                 reason="the native CPU kernels did not build here (no C compiler?)")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmserve.engine import cpu_linear
-from glmserve.engine.cpu_linear import Linear, pack_linears
+from glmserve.engine.model import cpu_linear
+from glmserve.engine.model.cpu_linear import Linear, pack_linears
 
 needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_linear_supported(),
                                   reason="this torch build has no working oneDNN linear; F.linear is used")

@@ -9,11 +9,12 @@ import platform
 import pytest
 import torch
 
-from glmserve.engine.attention import CpuAttentionBackend, TorchAttentionBackend, make_attention_backend
-from glmserve.engine.config import ConfigError, EngineConfig
-from glmserve.engine.sampling_params import SamplingParams
-from glmserve.kernels import cpu_native, cpu_ops
-from glmserve.kernels.cpu_attention import paged_decode_attention_cpu as cpu_attention_decode
+from glmserve.engine.attention.backends import CpuAttentionBackend, TorchAttentionBackend, make_attention_backend
+from glmserve.engine.config.engine_config import ConfigError, EngineConfig
+from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.kernels.cpu import native as cpu_native
+from glmserve.kernels.cpu import fused_ops as cpu_ops
+from glmserve.kernels.cpu.attention import paged_decode_attention_cpu as cpu_attention_decode
 
 from .engine_helpers import assert_no_leaks, make_engine, random_prompts, run_to_completion
 
@@ -96,7 +97,7 @@ def test_cpu_backend_gives_the_torch_backends_greedy_tokens(tiny_checkpoint):
 def test_a_bfloat16_model_runs_the_native_attention_with_the_torch_backends_tokens(tiny_checkpoint, monkeypatch):
     """bf16 on the CPU: the native kernels read the bf16 cache; the tokens are the torch backend's (whose attention
     also computes in float32 from the same bf16 values)."""
-    from glmserve.engine import attention
+    from glmserve.engine.attention import backends as attention
     calls = []
     monkeypatch.setattr(attention, "paged_decode_attention_cpu",
                         lambda *a: calls.append(a[1].dtype) or cpu_attention_decode(*a))
@@ -116,8 +117,8 @@ def test_a_bfloat16_model_runs_the_native_attention_with_the_torch_backends_toke
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the portable build is checked on x86")
 def test_portable_build_without_avx2_agrees_with_torch(tmp_path, monkeypatch):
     """The C code's portable paths (what a CPU without AVX2 runs) built and checked here, whatever this CPU has."""
-    from glmserve.kernels import cpu_attention
-    from glmserve.kernels.reference import paged_decode_attention_ref
+    from glmserve.kernels.cpu import attention as cpu_attention
+    from glmserve.kernels.reference.attention import paged_decode_attention_ref
 
     monkeypatch.setenv(cpu_native.ENV_CACHE_DIR, str(tmp_path))
     flags = tuple("-march=x86-64" if flag == "-march=native" else flag for flag in cpu_native.COMPILE_FLAGS)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmserve.kernels import cpu_ops
-from glmserve.kernels.cpu_native import native_cpu_available
+from glmserve.kernels.cpu import fused_ops as cpu_ops
+from glmserve.kernels.cpu.native import native_cpu_available
 
 needs_native = pytest.mark.skipif(not native_cpu_available(),
                                   reason="the native CPU kernels did not build here (no C compiler?)")

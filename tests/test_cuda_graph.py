@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from glmserve.engine.attention import attention_context
-from glmserve.engine.config import ConfigError, EngineConfig
-from glmserve.engine.cuda_graph import EagerReplay, capture_sizes
-from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.attention.backends import attention_context
+from glmserve.engine.config.engine_config import ConfigError, EngineConfig
+from glmserve.engine.worker.cuda_graph import EagerReplay, capture_sizes
+from glmserve.engine.core.sampling_params import SamplingParams
 
 from .engine_helpers import assert_no_leaks, make_engine, random_prompts, run_to_completion
 
@@ -94,7 +94,7 @@ def test_cuda_graphs_need_cuda_and_a_single_rank():
 
 
 def test_cli_rejects_cuda_graphs_on_cpu():
-    proc = subprocess.run([sys.executable, "-m", "glmserve.engine.cli", "generate", "--model", "glm-tiny",
+    proc = subprocess.run([sys.executable, "-m", "glmserve.engine.entrypoints.cli.main", "generate", "--model", "glm-tiny",
                            "--load-format", "dummy", "--cuda-graphs", "--prompt", "hi"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -103,7 +103,7 @@ def test_cli_rejects_cuda_graphs_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_equal_eager_on_gpu(tiny_checkpoint):
-    from glmserve.engine.llm import LLM
+    from glmserve.engine.entrypoints.llm import LLM
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     prompts = random_prompts(20, 2000, (3, 60), seed=2)
     outputs = {}

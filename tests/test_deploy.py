@@ -114,7 +114,7 @@ def probes(container):
 
 # ---- helpers: the code the manifests must agree with -----------------------------------------------------------
 def serve_parser_or_skip():
-    from glmserve.engine.cli import build_parser
+    from glmserve.engine.entrypoints.cli.main import build_parser
     parser = build_parser()
     help_text = io.StringIO()
     with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
@@ -136,7 +136,7 @@ def parse_serve_args(args: list[str]):
 
 def generation_service_name() -> str:
     try:
-        from glmserve.engine.server import SERVICE_NAME
+        from glmserve.engine.entrypoints.grpc.server import SERVICE_NAME
         return SERVICE_NAME
     except (ImportError, AttributeError):
         pass
@@ -144,16 +144,16 @@ def generation_service_name() -> str:
         from glmserve.proto import generation_pb2
         return generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
     except (ImportError, KeyError):
-        pytest.skip("neither glmserve.engine.server.SERVICE_NAME nor the generated proto descriptor exists yet")
+        pytest.skip("neither glmserve.engine.entrypoints.grpc.server.SERVICE_NAME nor the generated proto descriptor exists yet")
 
 
 def exported_metrics() -> dict[str, str]:
     """name -> type of the metrics a glmserve server exports: the families in a fresh ServerMetrics registry (or,
-    failing that, the prometheus_client collectors defined at module level in glmserve.engine.metrics)."""
+    failing that, the prometheus_client collectors defined at module level in glmserve.engine.entrypoints.metrics)."""
     try:
-        metrics = importlib.import_module("glmserve.engine.metrics")
+        metrics = importlib.import_module("glmserve.engine.entrypoints.metrics")
     except ImportError as exc:
-        pytest.skip(f"glmserve.engine.metrics is not importable yet ({exc})")
+        pytest.skip(f"glmserve.engine.entrypoints.metrics is not importable yet ({exc})")
     if hasattr(metrics, "ServerMetrics"):
         families = list(metrics.ServerMetrics().registry.collect())
     else:
@@ -395,7 +395,7 @@ def test_api_key_comes_from_a_secret_never_the_args(overlay):
 
 # ---- the model -------------------------------------------------------------------------------------------------
 def test_model_source_exists_in_the_pod(overlay):
-    from glmserve.engine.config import MODEL_PRESETS
+    from glmserve.engine.config.engine_config import MODEL_PRESETS
     name, objects = overlay
     args, container = server_args(objects), server_container(objects)
     model, max_len = flag(args, "--model"), int(flag(args, "--max-model-len"))
@@ -502,9 +502,9 @@ def copy_sources(rest: str) -> tuple[list[str], bool]:
 def setup_package_dirs() -> dict[str, str]:
     tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PACKAGE_DIRS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TOP_LEVEL" for t in node.targets):
             return ast.literal_eval(node.value)
-    raise AssertionError("setup.py has no PACKAGE_DIRS")
+    raise AssertionError("setup.py has no TOP_LEVEL")
 
 
 def test_dockerfile_runs_glmserve_serve_as_non_root():
@@ -572,7 +572,7 @@ def dockerignored(path: str, rules) -> bool:
 
 def test_build_context_holds_the_package_and_no_weights():
     rules = dockerignore_rules()
-    for name in ("setup.py", "pyproject.toml", "README.md", "engine/assets/tiny_tokenizer.model"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "engine/text/assets/tiny_tokenizer.model"):
         assert not dockerignored(name, rules), name
     for folder in setup_package_dirs().values():
         for root, dirs, files in os.walk(REPO / folder):

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from glmserve.engine.chat_format import ChatMessage, build_chat_prompt, clean_reply
-from glmserve.engine.detokenizer import IncrementalDetokenizer
-from glmserve.engine.tokenizer import ChatGLMTokenizer, TokenizerError, embedded_tokenizer_path
+from glmserve.engine.text.chat_format import ChatMessage, build_chat_prompt, clean_reply
+from glmserve.engine.text.detokenizer import IncrementalDetokenizer
+from glmserve.engine.text.tokenizer import ChatGLMTokenizer, TokenizerError, embedded_tokenizer_path
 
 REPLACEMENT = "\ufffd"
 TEXTS = [

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from glmserve.engine.errors import DuplicateRequestError, RequestError
-from glmserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from glmserve.engine.core.errors import DuplicateRequestError, RequestError
+from glmserve.engine.core.sampling_params import SamplingParams, SamplingParamsError
 
 from .engine_helpers import assert_no_leaks, make_engine, random_prompts, run_to_completion
 
@@ -59,12 +59,12 @@ def test_batched_sample_equals_hf(tiny_checkpoint, workload, alone):
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    from glmserve.engine.config import ModelConfig
+    from glmserve.engine.config.engine_config import ModelConfig
 
     from .hf_reference import build_hf_model, hf_greedy
     config = ModelConfig.from_json(str(tiny_checkpoint / "config.json"))
     hf = build_hf_model(config, load_file(str(tiny_checkpoint / "model.safetensors")))
-    from glmserve.engine.tokenizer import embedded_tokenizer_path, ChatGLMTokenizer
+    from glmserve.engine.text.tokenizer import embedded_tokenizer_path, ChatGLMTokenizer
     vocab = ChatGLMTokenizer.from_file(embedded_tokenizer_path()).vocab_size
     prompts, params = workload
     for i in (0, 5, 17, 40):
@@ -249,7 +249,7 @@ def test_priority_admits_lower_values_first(tiny_checkpoint):
 
 
 def test_offline_api_returns_logprobs_and_text(tiny_checkpoint):
-    from glmserve.engine.llm import LLM
+    from glmserve.engine.entrypoints.llm import LLM
     llm = LLM(str(tiny_checkpoint), num_kv_blocks=64)
     (out,) = llm.generate(["hello world"], SamplingParams(max_tokens=4, logprobs=3, **GREEDY))
     sample = out.outputs[0]
@@ -261,7 +261,7 @@ def test_offline_api_returns_logprobs_and_text(tiny_checkpoint):
 
 
 def test_unchunked_prefill_needs_a_budget_of_a_whole_context(tiny_checkpoint):
-    from glmserve.engine.config import ConfigError
+    from glmserve.engine.config.engine_config import ConfigError
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         make_engine(str(tiny_checkpoint), chunked_prefill=False, max_num_batched_tokens=512)
     engine = make_engine(str(tiny_checkpoint), chunked_prefill=False, max_num_batched_tokens=4096)
@@ -274,7 +274,7 @@ def test_unchunked_prefill_needs_a_budget_of_a_whole_context(tiny_checkpoint):
 
 
 def test_stop_string_ends_the_text_before_it(tiny_checkpoint):
-    from glmserve.engine.llm import LLM
+    from glmserve.engine.entrypoints.llm import LLM
     llm = LLM(str(tiny_checkpoint), num_kv_blocks=64)
     prompt = "the quick brown fox"
     (free,) = llm.generate([prompt], SamplingParams(max_tokens=24, **GREEDY))
@@ -290,7 +290,7 @@ def test_stop_string_ends_the_text_before_it(tiny_checkpoint):
 
 
 def test_stop_token_ids_and_min_tokens(tiny_checkpoint):
-    from glmserve.engine.llm import LLM
+    from glmserve.engine.entrypoints.llm import LLM
     llm = LLM(str(tiny_checkpoint), num_kv_blocks=64)
     prompt_ids = [5, 6, 7, 8]
     (free,) = llm.generate(prompt_token_ids=[prompt_ids], sampling_params=SamplingParams(max_tokens=12, **GREEDY))

@@ -4,11 +4,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from glmserve.engine.async_engine import EngineStepError, QueueFullError
-from glmserve.engine.chat_format import ChatFormatError
-from glmserve.engine.errors import DuplicateRequestError, EngineDeadError, RequestError
-from glmserve.engine.grpc_errors import ServiceUnavailable, status_for
-from glmserve.engine.sampling_params import SamplingParamsError
+from glmserve.engine.runtime.async_engine import EngineStepError, QueueFullError
+from glmserve.engine.text.chat_format import ChatFormatError
+from glmserve.engine.core.errors import DuplicateRequestError, EngineDeadError, RequestError
+from glmserve.engine.entrypoints.grpc.errors import ServiceUnavailable, status_for
+from glmserve.engine.core.sampling_params import SamplingParamsError
 
 S = grpc.StatusCode
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmserve.engine.checkpoint_writer import quantize_state_dict, random_state_dict, write_checkpoint
-from glmserve.engine.config import ConfigError, ModelConfig
-from glmserve.engine.loader import load_model, resolve_model_source
-from glmserve.engine.tokenizer import embedded_tokenizer_path
-from glmserve.engine.weights import CheckpointError, dequantize
+from glmserve.engine.model.checkpoint_writer import quantize_state_dict, random_state_dict, write_checkpoint
+from glmserve.engine.config.engine_config import ConfigError, ModelConfig
+from glmserve.engine.model.loader import load_model, resolve_model_source
+from glmserve.engine.text.tokenizer import embedded_tokenizer_path
+from glmserve.engine.model.weights import CheckpointError, dequantize
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, kv_channels=8, multi_query_group_num=2,
                      ffn_hidden_size=48, padded_vocab_size=2048, seq_length=256, torch_dtype="float32")
@@ -173,7 +173,7 @@ def test_preset_with_a_weights_format_is_refused():
 
 
 def test_presets_have_the_published_shapes():
-    from glmserve.engine.config import MODEL_PRESETS
+    from glmserve.engine.config.engine_config import MODEL_PRESETS
     six_b, long = MODEL_PRESETS["chatglm3-6b"], MODEL_PRESETS["chatglm3-6b-32k"]
     assert six_b.num_parameters() == 6_243_584_000
     assert six_b.kv_bytes_per_token(2) == 28_672

@@ -11,12 +11,12 @@ import dataclasses
 import pytest
 import torch
 
-from glmserve.engine import cpu_linear
-from glmserve.engine.checkpoint_writer import random_state_dict, write_checkpoint
-from glmserve.engine.config import ModelConfig
-from glmserve.engine.loader import load_model, resolve_model_source
-from glmserve.engine.tokenizer import embedded_tokenizer_path
-from glmserve.kernels.cpu_native import native_cpu_available
+from glmserve.engine.model import cpu_linear
+from glmserve.engine.model.checkpoint_writer import random_state_dict, write_checkpoint
+from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.model.loader import load_model, resolve_model_source
+from glmserve.engine.text.tokenizer import embedded_tokenizer_path
+from glmserve.kernels.cpu.native import native_cpu_available
 
 from .hf_reference import build_hf_model, hf_greedy
 from .paged_forward import PagedSequence

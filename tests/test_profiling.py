@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from glmserve.engine import profiling
-from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from glmserve.engine.engine import Engine
-from glmserve.engine.loader import load_model, resolve_model_source
-from glmserve.engine.model_runner import ModelRunner
+from glmserve.engine.worker import profiling
+from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.model.loader import load_model, resolve_model_source
+from glmserve.engine.worker.model_runner import ModelRunner
 
 FAKE_PEAK = 10_000_000_000          # "bytes" the fake counter reports after the forward
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from glmserve.engine.sampler import Sampler, SamplerOutput, SamplingRow, apply_penalties
-from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.worker.sampler import Sampler, SamplerOutput, SamplingRow, apply_penalties
+from glmserve.engine.core.sampling_params import SamplingParams
 
 # A small stand-in for ChatGLM3's 64798-token vocabulary padded to 65024.
 VOCAB, PADDED, EOS = 100, 128, 2

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from glmserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from glmserve.engine.core.sampling_params import SamplingParams, SamplingParamsError
 
 VOCAB = 64798
 

@@ -10,8 +10,8 @@ import urllib.request
 import grpc
 import pytest
 
-from glmserve.engine.cli import main as cli_main
-from glmserve.engine.client import GenerationClient, collect
+from glmserve.engine.entrypoints.cli.main import main as cli_main
+from glmserve.engine.entrypoints.grpc.client import GenerationClient, collect
 
 from .server_fixtures import ServeProcess, eventually, parse_metrics
 

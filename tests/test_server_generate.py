@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from glmserve.engine.client import AsyncGenerationClient, collect
-from glmserve.engine.llm import LLM
-from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient, collect
+from glmserve.engine.entrypoints.llm import LLM
+from glmserve.engine.core.sampling_params import SamplingParams
 
 from .server_fixtures import MODEL, NUM_KV_BLOCKS, SEED, client, session_server, shared_server  # noqa: F401
 
@@ -82,7 +82,7 @@ def test_64_concurrent_streams(shared_server, offline):
 
 
 def test_tokenize_text_and_chat(client, offline):
-    from glmserve.engine.chat_format import build_chat_prompt, messages_from_json
+    from glmserve.engine.text.chat_format import build_chat_prompt, messages_from_json
     assert client.tokenize(PROMPT) == offline.tokenizer.encode(PROMPT)
     tools = [{"name": "get_weather", "parameters": {"city": "string"}}]
     with_tools = [dict(CHAT[0], tools=tools)] + CHAT[1:]

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from glmserve.engine.client import GenerationClient
-from glmserve.engine.engine import Engine
-from glmserve.engine.server import ServerOptions
+from glmserve.engine.entrypoints.grpc.client import GenerationClient
+from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.entrypoints.grpc.server import ServerOptions
 
 from .server_fixtures import InProcessServer, session_server, shared_server, tiny_engine_config  # noqa: F401
 from .server_fixtures import eventually, wait_idle

@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from glmserve.engine.metrics import ServerMetrics
+from glmserve.engine.entrypoints.metrics import ServerMetrics
 
 from .server_fixtures import client, parse_metrics, session_server, shared_server  # noqa: F401 (fixtures)
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from glmserve.engine.chat_format import build_chat_prompt, messages_from_json
+from glmserve.engine.text.chat_format import build_chat_prompt, messages_from_json
 
 from .server_fixtures import client, scripted_replies, session_server, shared_server  # noqa: F401 (fixtures)
 

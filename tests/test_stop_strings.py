@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from glmserve.engine.stop_strings import StopStringMatcher
+from glmserve.engine.text.stop_strings import StopStringMatcher
 
 
 def run(stops: list[str], deltas: list[str]) -> tuple[list[str], bool, str]:

@@ -13,18 +13,18 @@ import grpc
 import pytest
 import torch
 
-from glmserve.engine.async_engine import AsyncEngine, EngineStepError
-from glmserve.engine.checkpoint_writer import write_checkpoint
-from glmserve.engine.client import GenerationClient, collect
-from glmserve.engine.config import MODEL_PRESETS
-from glmserve.engine.errors import EngineDeadError
-from glmserve.engine.llm import LLM
-from glmserve.engine.model import GLMForCausalLM
-from glmserve.engine.parallel_layout import ShardLayout
-from glmserve.engine.parallel_protocol import WorkerReady
-from glmserve.engine.sampling_params import SamplingParams
-from glmserve.engine.tensor_parallel import TensorParallelEngine, TensorParallelError
-from glmserve.engine.tokenizer import embedded_tokenizer_path
+from glmserve.engine.runtime.async_engine import AsyncEngine, EngineStepError
+from glmserve.engine.model.checkpoint_writer import write_checkpoint
+from glmserve.engine.entrypoints.grpc.client import GenerationClient, collect
+from glmserve.engine.config.engine_config import MODEL_PRESETS
+from glmserve.engine.core.errors import EngineDeadError
+from glmserve.engine.entrypoints.llm import LLM
+from glmserve.engine.model.glm import GLMForCausalLM
+from glmserve.engine.model.shard_layout import ShardLayout
+from glmserve.engine.distributed.protocol import WorkerReady
+from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.distributed.tp_engine import TensorParallelEngine, TensorParallelError
+from glmserve.engine.text.tokenizer import embedded_tokenizer_path
 
 from .engine_helpers import random_prompts
 from .server_fixtures import MODEL, NUM_KV_BLOCKS, SEED, ServeProcess, eventually

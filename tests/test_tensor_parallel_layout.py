@@ -9,13 +9,13 @@ import threading
 import pytest
 import torch
 
-from glmserve.engine.attention import AttentionMetadata, attention_context, make_attention_backend
-from glmserve.engine.checkpoint_writer import write_checkpoint
-from glmserve.engine.config import MODEL_PRESETS, ConfigError, ModelConfig
-from glmserve.engine.loader import ModelSource, load_model, resolve_model_source
-from glmserve.engine.model import GLMForCausalLM
-from glmserve.engine.parallel_layout import ShardLayout, TensorSlice
-from glmserve.engine.tokenizer import embedded_tokenizer_path
+from glmserve.engine.attention.backends import AttentionMetadata, attention_context, make_attention_backend
+from glmserve.engine.model.checkpoint_writer import write_checkpoint
+from glmserve.engine.config.engine_config import MODEL_PRESETS, ConfigError, ModelConfig
+from glmserve.engine.model.loader import ModelSource, load_model, resolve_model_source
+from glmserve.engine.model.glm import GLMForCausalLM
+from glmserve.engine.model.shard_layout import ShardLayout, TensorSlice
+from glmserve.engine.text.tokenizer import embedded_tokenizer_path
 
 GLM3 = MODEL_PRESETS["chatglm3-6b"]
 LAYER = "transformer.encoder.layers.0."

@@ -7,14 +7,14 @@ import sys
 import pytest
 from sentencepiece import sentencepiece_model_pb2
 
-from glmserve.engine.chat_format import (ChatFormatError, ChatMessage, build_chat_prompt, clean_reply,
+from glmserve.engine.text.chat_format import (ChatFormatError, ChatMessage, build_chat_prompt, clean_reply,
                                          messages_from_json)
-from glmserve.engine.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, TokenizerError, embedded_tokenizer_path
+from glmserve.engine.text.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, TokenizerError, embedded_tokenizer_path
 
-from .conftest import REPO_ROOT
+from .paths import REPO_ROOT
 
-TRAIN_SCRIPT = REPO_ROOT / "engine" / "assets" / "train_tiny_tokenizer.py"
-CORPUS = REPO_ROOT / "engine" / "assets" / "tiny_corpus.txt"
+TRAIN_SCRIPT = REPO_ROOT / "engine" / "text" / "assets" / "train_tiny_tokenizer.py"
+CORPUS = REPO_ROOT / "engine" / "text" / "assets" / "tiny_corpus.txt"
 
 
 def golden_prompt(golden: dict, name: str) -> dict:

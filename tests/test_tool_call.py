@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from glmserve.engine.chat_format import clean_reply
-from glmserve.engine.detokenizer import IncrementalDetokenizer
-from glmserve.engine.tokenizer import ChatGLMTokenizer, embedded_tokenizer_path
-from glmserve.engine.tool_call import ToolCall, ToolCallParseError, parse_tool_call
+from glmserve.engine.text.chat_format import clean_reply
+from glmserve.engine.text.detokenizer import IncrementalDetokenizer
+from glmserve.engine.text.tokenizer import ChatGLMTokenizer, embedded_tokenizer_path
+from glmserve.engine.text.tool_call import ToolCall, ToolCallParseError, parse_tool_call
 
 
 def reply(code: str, name: str = "get_weather") -> str:

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
-from glmserve.kernels.backend import TritonAttentionBackend
-from glmserve.kernels.reference import paged_decode_attention_ref, paged_extend_attention_ref, write_kv_cache_ref
+from glmserve.engine.attention.triton_backend import TritonAttentionBackend
+from glmserve.kernels.reference.attention import paged_decode_attention_ref, paged_extend_attention_ref, write_kv_cache_ref
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 2, 128, 16
 
@@ -55,9 +55,9 @@ def test_backend_forward_matches_reference_path(paged_kv, check_close, device):
 
 
 def test_backend_module_imports_without_triton():
-    # The engine core imports glmserve.kernels.backend on machines without triton; only building it needs triton.
+    # The engine core imports glmserve.engine.attention.triton_backend on machines without triton; only building it needs triton.
     code = ("import sys; sys.modules['triton'] = None\n"
-            "from glmserve.kernels.backend import TritonAttentionBackend\n"
+            "from glmserve.engine.attention.triton_backend import TritonAttentionBackend\n"
             "try:\n    TritonAttentionBackend()\nexcept ImportError:\n    print('needs triton')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmserve.kernels.decode_attention import choose_num_splits, paged_decode_attention
-from glmserve.kernels.reference import paged_decode_attention_ref
+from glmserve.kernels.triton.decode_attention import choose_num_splits, paged_decode_attention
+from glmserve.kernels.reference.attention import paged_decode_attention_ref
 
 # (seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits): group sizes 16, 1, 2, 4;
 # sequences that end inside, at and just past a block; more splits than a short sequence has KV tiles.

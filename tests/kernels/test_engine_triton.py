@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.core.sampling_params import SamplingParams
 
 from ..engine_helpers import assert_no_leaks, make_engine, random_prompts, run_to_completion
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmserve.kernels.extend_attention import paged_extend_attention
-from glmserve.kernels.reference import paged_extend_attention_ref
+from glmserve.kernels.triton.extend_attention import paged_extend_attention
+from glmserve.kernels.reference.attention import paged_extend_attention_ref
 
 # (seq_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype): query_len == seq_len is a full
 # prefill, shorter is a chunk (1, 7 or 64 tokens) over a cached prefix; group sizes 16, 1, 2, 4.
@@ -80,12 +80,12 @@ def test_extend_split_kv_matches_reference(paged_kv, check_close, device, seq_le
 def test_extend_picks_splits_for_a_short_chunk_over_a_long_context(monkeypatch, paged_kv, check_close, device):
     # With a GPU's worth of SMs, one 7-token chunk over 1000 cached tokens is 2 query-tile programs: the automatic
     # choice splits its keys (and the result still equals the reference).
-    import glmserve.kernels.extend_attention as extend
+    import glmserve.kernels.triton.extend_attention as extend
     chosen = []
     real_choose = extend.choose_num_splits
     monkeypatch.setattr(extend, "choose_num_splits",
                         lambda *a: chosen.append(real_choose(*a)) or chosen[-1])
-    monkeypatch.setattr("glmserve.kernels.decode_attention._num_sms", lambda dev: 132)
+    monkeypatch.setattr("glmserve.kernels.triton.decode_attention._num_sms", lambda dev: 132)
     kv = paged_kv([1007], 2, 64, 16, torch.float32, seed=5)
     query_start_loc = _query_start_loc([7], device)
     query = torch.randn(7, 8, 64, device=device)

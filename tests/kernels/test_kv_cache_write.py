@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmserve.kernels.kv_cache_write import write_kv_cache
-from glmserve.kernels.reference import write_kv_cache_ref
+from glmserve.kernels.triton.kv_cache_write import write_kv_cache
+from glmserve.kernels.reference.attention import write_kv_cache_ref
 
 
 @pytest.mark.parametrize("block_size, num_kv_heads, head_dim, dtype", [

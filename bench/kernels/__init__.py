@@ -1,0 +1,1 @@
+"""Kernel micro-benchmarks: CPU linears and attention, Triton kernels and decode throughput on a GPU."""

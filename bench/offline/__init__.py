@@ -1,0 +1,1 @@
+"""``glmserve-bench offline``: offline throughput against HF generate on the same weights."""

@@ -1,0 +1,1 @@
+"""``glmserve-bench serve``: the load-test harness for a running server."""

@@ -1,0 +1,1 @@
+"""Paged attention for one layer: the batch metadata and the backends (torch reference, native CPU, Triton)."""

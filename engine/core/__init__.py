@@ -1,0 +1,1 @@
+"""Requests, scheduling and KV blocks: pure Python data and policy, no model, no torch."""

@@ -1,0 +1,1 @@
+"""Thin frontends of one engine: the offline ``LLM``, the gRPC server and client, the CLI."""

@@ -1,0 +1,100 @@
+"""``glmserve serve``: the gRPC server as a process.
+
+Prints machine-readable lifecycle lines on stdout (tests and scripts wait for them)::
+
+    glmserve: serving on HOST:PORT metrics on PORT     (bound; health NOT_SERVING while the model loads)
+    glmserve: ready                                    (health SERVING)
+    glmserve: drained N in-flight requests, exiting    (after SIGTERM/SIGINT; exit code 0)
+
+If the drain timeout passes first, the requests still running are cancelled (and aborted), and the exit code is 0
+all the same: the process did what a SIGTERM asks.
+grpc is imported only when the command runs, so the CLI and the engine stay importable without it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from glmserve.engine.config.engine_args import add_engine_arguments, engine_config_from_args
+
+API_KEY_ENV = "GLMSERVE_API_KEY"
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server",
+                       description="Serve a model over gRPC (glmserve.v1.Generation, health, reflection) "
+                                   "with Prometheus metrics.")
+    add_engine_arguments(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address for gRPC and metrics (default: %(default)s)")
+    g.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    g.add_argument("--metrics-port", type=int, default=9090,
+                   help="Prometheus /metrics port; 0 picks a free one, -1 turns it off (default: %(default)s)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+    g.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="refuse new requests with RESOURCE_EXHAUSTED while this many wait (default: no limit)")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'authorization: Bearer KEY' metadata (default: ${API_KEY_ENV}); health is exempt")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate chain; serve TLS (with --tls-key)")
+    g.add_argument("--tls-key", default=None, help="PEM private key")
+    g.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
+                   help="largest request or response message (default: %(default)s)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from glmserve.engine.model.loader import resolve_model_source
+    from glmserve.engine.entrypoints.grpc.server import ServerOptions
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"TLS file {path} does not exist")
+    options = ServerOptions(
+        host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        drain_timeout=args.drain_timeout, max_waiting_requests=args.max_waiting_requests, api_key=args.api_key,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes)
+    config = engine_config_from_args(args)
+    resolve_model_source(config.model, config.load_format, config.tokenizer)   # a bad --model fails before binding
+    try:
+        return asyncio.run(serve(config, options))
+    except OSError as exc:   # the port is taken, a TLS file is unreadable, ...
+        print(f"glmserve serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def serve(config, options) -> int:
+    from glmserve.engine.entrypoints.llm import build_engine
+    from glmserve.engine.entrypoints.grpc.server import GenerationServer
+    server = GenerationServer(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)   # repeated signals change nothing: --drain-timeout bounds the wait
+    try:
+        await server.start()
+        metrics = "off" if server.metrics_port is None else str(server.metrics_port)
+        print(f"glmserve: serving on {options.host}:{server.port} metrics on {metrics}", flush=True)
+        load = asyncio.ensure_future(server.load(lambda: build_engine(config)))
+        signalled = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([load, signalled], return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():   # a signal during start-up: the loading thread cannot be interrupted; just leave
+            load.cancel()
+            print("glmserve: stopped while loading, exiting", flush=True)
+            return 0
+        load.result()   # raises what the load raised
+        print("glmserve: ready", flush=True)
+        await signalled
+        in_flight, finished = await server.drain()
+        if finished:
+            print(f"glmserve: drained {in_flight} in-flight requests, exiting", flush=True)
+        else:
+            print(f"glmserve: drain timed out after {options.drain_timeout}s; cancelled the requests still "
+                  "running, exiting", flush=True)
+        return 0
+    finally:
+        await server.stop()

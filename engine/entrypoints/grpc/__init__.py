@@ -1,0 +1,1 @@
+"""The gRPC frontend: server lifecycle, handlers, proto conversion, status codes, the Python clients."""

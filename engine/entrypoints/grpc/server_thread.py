@@ -1,0 +1,40 @@
+"""A GenerationServer on its own event-loop thread, for programs that embed one (tests, benchmarks).
+
+The caller keeps its own thread (and event loop, if any); coroutines run on the server's loop through :meth:`run`.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Callable
+
+from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.entrypoints.grpc.server import GenerationServer, ServerOptions
+
+
+class ServerThread:
+    def __init__(self, options: ServerOptions, make_engine: Callable[[], Engine], wait_loaded: bool = True):
+        """Bind and start serving; the engine is built and warmed up on the server's loop (``loaded`` is that
+        future: wait on it when ``wait_loaded`` is False)."""
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="glmserve-grpc", daemon=True)
+        self._thread.start()
+        self.server = GenerationServer(options)
+        self.run(self.server.start())
+        self.loaded = asyncio.run_coroutine_threadsafe(self.server.load(make_engine), self.loop)
+        if wait_loaded:
+            self.loaded.result()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def run(self, coro, timeout: float | None = 60):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.run(self.server.stop())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)

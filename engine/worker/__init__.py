@@ -1,0 +1,1 @@
+"""Runs the model on a scheduled batch: flat batch tensors, the forward pass, sampling, CUDA graphs."""

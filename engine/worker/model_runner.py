@@ -1,0 +1,131 @@
+"""Turns a scheduled batch into flat tensors, runs the model over the paged KV cache and samples.
+
+Batch layout (T tokens from B sequences): decode sequences (one token each) first, then prefill chunks.
+Only the last token of a sequence that reaches its end this step is projected to logits and sampled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glmserve.engine.attention.backends import AttentionMetadata, attention_context, make_attention_backend
+from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.worker.cuda_graph import DecodeGraphs, GraphCapture
+from glmserve.engine.model.glm import GLMForCausalLM
+from glmserve.engine.core.request import Request
+from glmserve.engine.worker.sampler import Sampler, SamplerOutput, SamplingRow
+from glmserve.engine.core.scheduler import ScheduledBatch
+
+
+@dataclass
+class ModelInputs:
+    """One step's flat batch: everything a forward pass needs (what rank 0 sends to tensor-parallel workers)."""
+
+    input_ids: torch.Tensor         # [T] int64
+    positions: torch.Tensor         # [T] int64
+    attention: AttentionMetadata
+    logits_indices: torch.Tensor    # [S] int64: rows of the hidden states to project to logits (may be empty)
+
+
+@dataclass
+class StepResult:
+    """Per scheduled request (in the batch's order): the sampled token, or None for an unfinished prefill."""
+
+    token_ids: list[int | None]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+class ModelRunner:
+    def __init__(self, model: GLMForCausalLM, *, num_blocks: int, block_size: int, max_model_len: int,
+                 vocab_size: int, eos_token_id: int, attention_backend: str = "auto"):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device, self.dtype = model.weights_device, model.weights_dtype
+        if self.device.type == "cpu":
+            model.pack_for_cpu_inference()      # float32 and bfloat16 linears; a no-op for float16
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        # One (K, V) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim].
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(self.config.num_layers)]
+        self.backend = make_attention_backend(attention_backend, self.device)
+        model.bind_runtime(self.backend, self.kv_caches, max_model_len)
+        self.max_model_len = max_model_len
+        self.sampler = Sampler(vocab_size, eos_token_id)
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, capture: GraphCapture, max_batch: int) -> None:
+        """Capture decode-only forwards for up to ``max_batch`` sequences (cuda_graph.py); later decode-only
+        steps that fit replay them, every other step runs eagerly."""
+        self.decode_graphs = DecodeGraphs(self.model, max_batch=max_batch, max_model_len=self.max_model_len,
+                                          block_size=self.block_size, device=self.device, capture=capture)
+
+    @staticmethod
+    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * block_size
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
+        """``block_tables[i]`` are the KV blocks of ``batch.requests[i]``."""
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] > 1)  # decodes first
+        requests = [batch.requests[i] for i in order]
+        counts = [batch.num_new_tokens[i] for i in order]
+        tables = [block_tables[i] for i in order]
+        input_ids, positions, slots, query_start, seq_lens = [], [], [], [0], []
+        for request, n, table in zip(requests, counts, tables):
+            start = request.num_computed_tokens
+            input_ids.extend(request.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            bs = self.block_size
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(start + n)
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            num_decodes=sum(1 for n in counts if n == 1),
+            max_query_len=max(counts), max_seq_len=max(seq_lens))
+        # Sample only sequences whose last token is computed this step.
+        sample_at = [i for i, (r, n) in enumerate(zip(requests, counts)) if r.num_computed_tokens + n == r.num_tokens]
+        last_token = torch.tensor([query_start[i + 1] - 1 for i in sample_at], dtype=torch.int64, device=dev)
+        logits = self.run_model(ModelInputs(torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                                            torch.tensor(positions, dtype=torch.int64, device=dev), meta, last_token))
+        result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))
+        if not sample_at:
+            return result
+        rows = [self._sampling_row(requests[i]) for i in sample_at]
+        out: SamplerOutput = self.sampler(logits, rows)
+        for j, i in enumerate(sample_at):
+            k = order[i]   # back to the batch's own order
+            result.token_ids[k] = out.token_ids[j]
+            if out.logprobs is not None:
+                result.logprobs[k] = out.logprobs[j]
+                result.top_logprobs[k] = out.top_logprobs[j]
+        return result
+
+    @torch.inference_mode()
+    def run_model(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """The forward pass and the logits of ``inputs.logits_indices`` (None when there are none to compute)."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.fits(inputs.input_ids, inputs.attention):
+            hidden = graphs.forward(inputs.input_ids, inputs.positions, inputs.attention)
+        else:
+            with attention_context(inputs.attention):
+                hidden = self.model(inputs.input_ids, inputs.positions)
+        if not inputs.logits_indices.numel():
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        if request.params.seed is not None and request.generator is None:
+            request.generator = torch.Generator(self.device).manual_seed(request.params.seed)
+        return SamplingRow(request.params, request.prompt_token_ids, request.output_token_ids, request.generator)

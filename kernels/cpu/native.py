@@ -1,0 +1,140 @@
+"""The native CPU kernels (``kernels/cpu/csrc/*.c``): built once per machine, loaded with ctypes.
+
+The C sources are compiled with the system C compiler (``cc -O3 -march=native -fopenmp``) into one shared
+library in a cache directory, keyed by the sources, flags, compiler and CPU; nothing is built at install time.
+Wherever there is no compiler, or the library disagrees with the torch reference in its self-check
+(``native_cpu_available``), the engine keeps its pure-torch paths. ``GLMSERVE_NATIVE_CPU=0`` turns it off.
+
+The library links OpenMP; torch's CPU build has already loaded its own ``libgomp.so.1`` by the time this module
+runs, so the dynamic loader resolves ours to the same runtime and the kernels share torch's thread pool.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "GLMSERVE_NATIVE_CPU"
+ENV_CACHE_DIR = "GLMSERVE_CACHE_DIR"
+SOURCE_DIR = Path(__file__).with_name("csrc")
+# -ffp-contract=off: no multiply-add is fused behind the code's back, so elementwise ops round as torch's do
+# (the attention kernel asks for its FMAs explicitly).
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
+                 "-std=c11")
+_COMPILE_TIMEOUT_S = 180
+
+_i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# name: (return type, argument types), as declared in the C sources. Most come once per activation dtype: the
+# ones in _PER_DTYPE exist as NAME_f32 and NAME_bf16 with the same arguments (pointers are untyped here).
+_PER_DTYPE = {
+    "glmserve_paged_decode": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                     _i64, _i64, _i64, _i64, _i64, _i64, _float, _int]),
+    "glmserve_rms_norm": (None, [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]),
+    "glmserve_rotary": (None, [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
+    "glmserve_silu_mul": (None, [_ptr, _ptr, _i64, _i64, _int]),
+}
+_SIGNATURES = {
+    **{f"{name}_{suffix}": signature for name, signature in _PER_DTYPE.items() for suffix in ("f32", "bf16")},
+    "glmserve_write_kv": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64]),
+}
+
+
+def _sources() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "glmserve"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: a library built for another CPU (a shared home directory) is not reused."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return "".join([line for line in cpuinfo if line.startswith(("model name", "flags"))][:2])
+    except OSError:
+        return platform.processor()
+
+
+def build(compiler: str, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
+    """Compile the sources unless a library for these sources, flags, compiler and CPU is cached; returns its
+    path. (Tests pass other flags to build the portable, non-AVX2 code paths.)"""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    texts = [path.read_text() for path in sorted(SOURCE_DIR.glob("*.[ch]"))]
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_identity()]).encode())
+    name = f"glmserve_cpu_{key.hexdigest()[:16]}.so"
+    directory = _cache_dir() / "native"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        # An unwritable home (a read-only container filesystem): build into this user's temporary directory.
+        directory = Path(tempfile.gettempdir()) / f"glmserve-{os.getuid()}" / "native"
+        directory.mkdir(parents=True, exist_ok=True)
+    library = directory / name
+    if library.exists():
+        return library
+    # Build beside the target and rename into place: processes starting together never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        built = Path(scratch) / library.name
+        command = [compiler, *flags, *map(str, _sources()), "-o", str(built), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, library)
+    return library
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None where it is switched off or cannot be built (the reason is logged)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C compiler found: the CPU kernels stay in torch")
+        return None
+    try:
+        return load(build(compiler))
+    # OSError: no cache directory or an unloadable file; AttributeError: a function missing from the library.
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
+        logger.warning("native CPU kernels unavailable (%s): staying in torch", exc)
+        return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' signatures."""
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def native_cpu_available() -> bool:
+    """The library builds, loads and every kernel agrees with its torch reference on a small case (checked once
+    per process; a disagreement is logged and everything stays in torch)."""
+    if library() is None:
+        return False
+    from glmserve.kernels.cpu.attention import self_check as attention_ok
+    from glmserve.kernels.cpu.fused_ops import self_check as ops_ok
+    ok = attention_ok() and ops_ok()
+    if not ok:
+        logger.warning("native CPU kernels disagree with the torch reference: staying in torch")
+    return ok
