@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from glmserve.engine.attention.backends import AttentionMetadata, attention_context, make_attention_backend
+from glmserve.engine.attention.backends import make_attention_backend
+from glmserve.engine.attention.metadata import AttentionMetadata
+from glmserve.engine.model.forward_batch import ForwardBatch
+from glmserve.engine.worker.kv_cache import allocate_kv_caches
 from glmserve.engine.model.glm import GLMForCausalLM
 
 
@@ -16,9 +19,7 @@ class PagedSequence:
         cfg = model.config
         dtype = model.weights_dtype
         device = model.weights_device
-        self.caches = [(torch.zeros(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device),
-                        torch.zeros(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device))
-                       for _ in range(cfg.num_layers)]
+        self.caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, device)
         model.bind_runtime(make_attention_backend(backend, device), self.caches, cfg.seq_length)
         self.model, self.block_size, self.device = model, block_size, device
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -40,6 +41,5 @@ class PagedSequence:
             seq_lens=torch.tensor([self.length], dtype=torch.int32, device=self.device),
             block_tables=torch.tensor([self.blocks], dtype=torch.int32, device=self.device),
             num_decodes=1 if n == 1 else 0, max_query_len=n, max_seq_len=self.length)
-        with attention_context(meta):
-            hidden = self.model(torch.tensor(token_ids, device=self.device), positions)
+        hidden = self.model(torch.tensor(token_ids, device=self.device), positions, ForwardBatch(meta))
         return self.model.compute_logits(hidden)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from glmserve.engine.attention.backends import attention_context
+from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.config.engine_config import ConfigError, EngineConfig
 from glmserve.engine.worker.cuda_graph import EagerReplay, capture_sizes
 from glmserve.engine.core.sampling_params import SamplingParams
@@ -68,8 +68,8 @@ def test_padding_rows_write_no_kv_and_real_rows_match_eager(tiny_checkpoint):
         captured["caches"] = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
         hidden = real_forward(input_ids, positions, meta)
         captured["graph"] = hidden.clone()
-        with torch.inference_mode(), attention_context(meta):
-            captured["eager"] = runner.model(input_ids, positions)   # rewrites the same K/V into the same slots
+        with torch.inference_mode():
+            captured["eager"] = runner.model(input_ids, positions, ForwardBatch(meta))   # rewrites the same K/V into the same slots
         return hidden
     graphs.forward = spy
     before = graphs.replays

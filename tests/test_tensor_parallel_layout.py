@@ -9,7 +9,9 @@ import threading
 import pytest
 import torch
 
-from glmserve.engine.attention.backends import AttentionMetadata, attention_context, make_attention_backend
+from glmserve.engine.attention.backends import make_attention_backend
+from glmserve.engine.attention.metadata import AttentionMetadata
+from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.model.checkpoint_writer import write_checkpoint
 from glmserve.engine.config.engine_config import MODEL_PRESETS, ConfigError, ModelConfig
 from glmserve.engine.model.loader import ModelSource, load_model, resolve_model_source
@@ -158,14 +160,13 @@ def _run(models: list[GLMForCausalLM], steps: list[list[int]]) -> list[torch.Ten
 
         def rank_step(rank: int) -> None:
             with torch.inference_mode():
-                results[rank] = models[rank].compute_logits(models[rank](torch.tensor(tokens), positions))
+                results[rank] = models[rank].compute_logits(models[rank](torch.tensor(tokens), positions, ForwardBatch(meta)))
 
-        with attention_context(meta):     # a module global: set once, read by every rank's thread
-            threads = [threading.Thread(target=rank_step, args=(r,)) for r in range(len(models))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        threads = [threading.Thread(target=rank_step, args=(r,)) for r in range(len(models))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         assert all(r is None for r in results[1:])
         outputs.append(results[0])
     return outputs

@@ -37,9 +37,9 @@ class ForwardTimer:
         times = self.times
 
         @wraps(forward)
-        def timed_forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        def timed_forward(input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
             t0 = time.perf_counter()
-            hidden = forward(input_ids, positions)
+            hidden = forward(input_ids, positions, batch)
             times.forward_seconds += time.perf_counter() - t0
             times.num_forward_calls += 1
             times.num_forward_tokens += input_ids.numel()

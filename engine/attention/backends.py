@@ -1,13 +1,11 @@
-"""Paged attention for one layer: the metadata the runner sets, and the backends that use it.
+"""Paged attention for one layer: the backends, each reading the pass's ``AttentionMetadata`` (metadata.py).
 
-The model never sees requests. Before a forward pass the model runner describes the flat batch in an
-``AttentionMetadata`` and installs it with ``attention_context``; each attention layer reads it from there.
+The model never sees requests: the model runner describes the flat batch in an ``AttentionMetadata`` and passes
+it down with the forward call (``ForwardBatch``), so two engines in one process never see each other's.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -18,20 +16,8 @@ from glmserve.kernels.cpu.native import native_cpu_available
 from glmserve.kernels.reference.attention import (paged_decode_attention_ref, paged_extend_attention_ref,
                                         write_kv_cache_ref)
 
+from glmserve.engine.attention.metadata import AttentionMetadata
 from glmserve.engine.config.engine_config import ConfigError
-
-
-@dataclass
-class AttentionMetadata:
-    """A flat batch of T tokens from B sequences; decode sequences (one token each) come first."""
-
-    slot_mapping: torch.Tensor      # [T] int64: cache slot of each token's K/V (-1 = padding, not written)
-    query_start_loc: torch.Tensor   # [B+1] int32: tokens of sequence b are [start[b], start[b+1])
-    seq_lens: torch.Tensor          # [B] int32: context length including this step's tokens
-    block_tables: torch.Tensor      # [B, max_blocks] int32: the blocks of each sequence, in order
-    num_decodes: int                # sequences [0, num_decodes) have exactly one query token
-    max_query_len: int
-    max_seq_len: int
 
 
 class AttentionBackend(Protocol):
@@ -117,22 +103,3 @@ def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
         from glmserve.engine.attention.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend()
     raise ValueError(f"attention_backend must be auto, torch, cpu or triton, got {name!r}")
-
-
-_current: AttentionMetadata | None = None
-
-
-@contextlib.contextmanager
-def attention_context(meta: AttentionMetadata) -> Iterator[None]:
-    global _current
-    previous, _current = _current, meta
-    try:
-        yield
-    finally:
-        _current = previous
-
-
-def current_attention_metadata() -> AttentionMetadata:
-    if _current is None:
-        raise RuntimeError("attention metadata is not set: run the model inside attention_context(...)")
-    return _current

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glmserve.engine.attention.backends import AttentionMetadata
+from glmserve.engine.attention.metadata import AttentionMetadata
 from glmserve.engine.worker.model_runner import ModelInputs
 
 

@@ -1,8 +1,8 @@
 """ChatGLM3 (GLM) for causal LM, written once for the paged runtime.
 
 Module names follow the checkpoint's tensor names (``transformer.encoder.layers.{i}.self_attention...``) so the
-loader copies tensors by name. ``forward(input_ids, positions)`` takes a flat batch of tokens [T]; attention reads
-its paged-cache metadata from ``attention_context``.
+loader copies tensors by name. ``forward(input_ids, positions, batch)`` takes a flat batch of tokens [T] and the pass's
+``ForwardBatch`` (the paged-cache metadata), which goes down to every attention layer with the call.
 
 Tensor parallel: a model built with a ``ShardLayout`` of N ranks and a ``TensorParallelGroup`` holds one rank's
 share (see parallel_layout.py) and all-reduces after the row-parallel linears and the vocabulary-parallel
@@ -19,9 +19,10 @@ from torch import nn
 
 from glmserve.kernels.cpu.fused_ops import add_rms_norm, rotate_pairs_, silu_mul
 
-from glmserve.engine.attention.backends import AttentionBackend, current_attention_metadata
+from glmserve.engine.attention.backends import AttentionBackend
 from glmserve.engine.config.engine_config import ModelConfig
 from glmserve.engine.model.cpu_linear import Linear, pack_linears, packed_weight_bytes
+from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.model.shard_layout import ShardLayout
 
 if TYPE_CHECKING:
@@ -90,7 +91,8 @@ class SelfAttention(nn.Module):
         self.backend: AttentionBackend | None = None
         self.rotary: RotaryEmbedding | None = None
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
         """rope: this pass's (cos, sin) from ``RotaryEmbedding.lookup``; hidden: [T, hidden]."""
         qkv = self.query_key_value(hidden)                                  # [T, (H + 2*KVH) * D]
         heads = qkv.unflatten(-1, (-1, self.head_dim))                      # [T, H + 2*KVH, D], a view
@@ -98,7 +100,7 @@ class SelfAttention(nn.Module):
         self.rotary.rotate_(heads[:, :self.num_heads + self.num_kv_heads], rope)
         q, k = heads[:, :self.num_heads], heads[:, self.num_heads:self.num_heads + self.num_kv_heads]
         v = heads[:, self.num_heads + self.num_kv_heads:]
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, current_attention_metadata(), self.scale)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, batch.attention, self.scale)
         out = self.dense(out.flatten(1))      # [T, hidden]; a partial sum over this rank's heads when sharded
         return out if self.group is None else self.group.all_reduce(out)
 
@@ -124,13 +126,13 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config, group)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, pending: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream [T, hidden]; pending: the previous block's MLP output, not yet added to x (None
         for the first block). Returns (x, this block's MLP output): each residual add is fused into the norm that
         follows it (x = x + attn(norm(x)); x = x + mlp(norm(x)), as in ChatGLM)."""
         x, h = self.input_layernorm.add_and_norm(x, pending)
-        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attention(rope, h))
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attention(rope, h, batch))
         return x, self.mlp(h)
 
 
@@ -220,13 +222,13 @@ class GLMForCausalLM(nn.Module):
         for attn, (k_cache, v_cache) in zip(self.attention_layers, kv_caches, strict=True):
             attn.backend, attn.k_cache, attn.v_cache, attn.rotary = backend, k_cache, v_cache, rotary
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden] (after the final norm)."""
         x = self.transformer.embedding(input_ids)
         rope = self.rotary.lookup(positions)                         # shared by every layer
         pending = None
         for layer in self.transformer.encoder.layers:
-            x, pending = layer(rope, x, pending)
+            x, pending = layer(rope, x, pending, batch)
         return self.transformer.encoder.final_layernorm.add_and_norm(x, pending)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

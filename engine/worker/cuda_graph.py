@@ -21,7 +21,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from glmserve.engine.attention.backends import AttentionMetadata, attention_context
+from glmserve.engine.attention.metadata import AttentionMetadata
+from glmserve.engine.model.forward_batch import ForwardBatch
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -84,7 +85,7 @@ class _StaticInputs:
 class DecodeGraphs:
     """Captured decode forwards of ``model`` for batch sizes up to ``max_batch``.
 
-    ``model(input_ids [T], positions [T]) -> hidden [T, hidden]`` must already be bound to its KV cache.
+    ``model(input_ids [T], positions [T], batch) -> hidden [T, hidden]`` must already be bound to its KV cache.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int, max_model_len: int, block_size: int,
@@ -108,13 +109,12 @@ class DecodeGraphs:
     def _forward_fn(self, size: int) -> Callable[[], torch.Tensor]:
         s = self.static
         input_ids, positions = s.input_ids[:size], s.positions[:size]
-        meta = AttentionMetadata(slot_mapping=s.slot_mapping[:size], query_start_loc=s.query_start_loc[:size + 1],
+        batch = ForwardBatch(AttentionMetadata(slot_mapping=s.slot_mapping[:size], query_start_loc=s.query_start_loc[:size + 1],
                                  seq_lens=s.seq_lens[:size], block_tables=s.block_tables[:size], num_decodes=size,
-                                 max_query_len=1, max_seq_len=self.max_model_len)
+                                 max_query_len=1, max_seq_len=self.max_model_len))
 
         def forward() -> torch.Tensor:
-            with attention_context(meta):
-                return self.model(input_ids, positions)
+            return self.model(input_ids, positions, batch)
         return forward
 
     def fits(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from glmserve.engine.attention.backends import AttentionMetadata, attention_context, make_attention_backend
+from glmserve.engine.attention.backends import make_attention_backend
+from glmserve.engine.attention.metadata import AttentionMetadata
 from glmserve.engine.config.engine_config import ModelConfig
 from glmserve.engine.worker.cuda_graph import DecodeGraphs, GraphCapture
+from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.model.glm import GLMForCausalLM
 from glmserve.engine.core.request import Request
+from glmserve.engine.worker.kv_cache import allocate_kv_caches
 from glmserve.engine.worker.sampler import Sampler, SamplerOutput, SamplingRow
 from glmserve.engine.core.scheduler import ScheduledBatch
 
@@ -47,11 +50,7 @@ class ModelRunner:
             model.pack_for_cpu_inference()      # float32 and bfloat16 linears; a no-op for float16
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
-        # One (K, V) pair per layer: [num_blocks, block_size, num_kv_heads, head_dim].
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(self.config.num_layers)]
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
         self.backend = make_attention_backend(attention_backend, self.device)
         model.bind_runtime(self.backend, self.kv_caches, max_model_len)
         self.max_model_len = max_model_len
@@ -119,8 +118,7 @@ class ModelRunner:
         if graphs is not None and graphs.fits(inputs.input_ids, inputs.attention):
             hidden = graphs.forward(inputs.input_ids, inputs.positions, inputs.attention)
         else:
-            with attention_context(inputs.attention):
-                hidden = self.model(inputs.input_ids, inputs.positions)
+            hidden = self.model(inputs.input_ids, inputs.positions, ForwardBatch(inputs.attention))
         if not inputs.logits_indices.numel():
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from glmserve.engine.attention.backends import AttentionMetadata, attention_context, make_attention_backend
+from glmserve.engine.attention.backends import make_attention_backend
+from glmserve.engine.attention.metadata import AttentionMetadata
+from glmserve.engine.model.forward_batch import ForwardBatch
+from glmserve.engine.worker.kv_cache import allocate_kv_caches, kv_cache_bytes
 
 
 @torch.inference_mode()
@@ -14,10 +17,8 @@ def peak_forward_memory(model, num_tokens: int, block_size: int, backend_name: s
     device = model.weights_device
     dtype = model.weights_dtype
     num_blocks = -(-num_tokens // block_size)
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-              for _ in range(cfg.num_layers)]
-    cache_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in caches)
+    caches = allocate_kv_caches(cfg, num_blocks, block_size, dtype, device)
+    cache_bytes = kv_cache_bytes(caches)
     model.bind_runtime(make_attention_backend(backend_name, device), caches, num_tokens)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -27,10 +28,9 @@ def peak_forward_memory(model, num_tokens: int, block_size: int, backend_name: s
         seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
         block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
         num_decodes=0, max_query_len=num_tokens, max_seq_len=num_tokens)
-    with attention_context(meta):
-        hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device),
-                       torch.arange(num_tokens, device=device))
-        model.compute_logits(hidden[-min(num_tokens, 256):])
+    hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device), torch.arange(num_tokens, device=device),
+                   ForwardBatch(meta))
+    model.compute_logits(hidden[-min(num_tokens, 256):])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - cache_bytes
     del caches

@@ -1,0 +1,15 @@
+"""What one forward pass needs besides token ids and positions, handed to every layer with the call.
+
+Passed explicitly (never a module global or a thread-local set behind the model's back): two engines in one
+process may run forward passes at the same time, and a captured CUDA graph records the tensors it reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glmserve.engine.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class ForwardBatch:
+    attention: AttentionMetadata     # how the pass's T tokens map onto the paged KV cache
