@@ -1,34 +1,40 @@
 """``glmserve-bench frontend``: what the gRPC frontend costs on top of the engine.
 
   glmserve-bench frontend [--model glm-tiny] [--concurrency 1,64,256] [--max-tokens 32] [--prompt-len 16]
-                          [--out result.json]
+                          [--attention-backend auto] [--out result.json]
 
-The same streams run twice on one dummy-weights engine: through ``AsyncEngine`` in-process ("engine"), and
-through a real gRPC server on loopback with the async client ("grpc"). Each chunk's latency is measured from the
-moment the engine step produced it (a step listener stamps it) to the moment the consumer received it, on one
-monotonic clock: in the engine mode that is the hand-off to the caller's event loop, in the grpc mode it adds
-the servicer, protobuf, HTTP/2 and the client. The difference between the modes is the frontend's cost, per chunk
-and in streamed tokens/s. Server, client and engine share one process (and its GIL), as a sidecar client on the
-same host would share the CPUs.
+The same streams run in two modes, each on a fresh engine core in its own process (as ``glmserve serve`` runs it):
+
+* ``engine``: the streams are read in this process straight from ``AsyncEngine``: the engine and the hand-off of its
+  deltas, with no protocol at all;
+* ``grpc``: a real gRPC server in this process (over its own AsyncEngine) serves a client in a process of its own,
+  as real clients are: protobuf, HTTP/2, the servicer and the client's decoding are added.
+
+Each chunk's latency runs from the engine step that produced its last token (the step's timestamp, taken in the
+engine core's process) to the moment the reader received it, on the machine's one monotonic clock. The difference
+between the modes is the frontend's cost, per chunk and in streamed tokens/s; the grpc/engine throughput ratio is
+the figure issue 14 sets targets for.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import multiprocessing
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-
-from glmserve.engine.runtime.async_engine import AsyncEngine
-from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
-from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
-from glmserve.engine.runtime.engine_core import Engine
-from glmserve.engine.core.sampling_params import SamplingParams
-from glmserve.engine.entrypoints.grpc.server import GenerationServer, ServerOptions
-from glmserve.engine.entrypoints.grpc.server_thread import ServerThread
+from pathlib import Path
 
 from glmserve.bench.common.machine import machine_info
+from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
+from glmserve.engine.entrypoints.grpc.server import ServerOptions
+from glmserve.engine.entrypoints.grpc.server_thread import ServerThread
+from glmserve.engine.runtime.async_engine import AsyncEngine
+from glmserve.engine.runtime.core_client import ProcessEngineCore
+from glmserve.engine.runtime.messages import StepDone
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,12 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,64,256", help="comma-separated numbers of concurrent streams")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per stream (eos ignored)")
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--attention-backend", default="auto", help="of the engine core (default: as serve runs)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
 
 
 @dataclass
 class ModeResult:
-    mode: str                 # "engine" (AsyncEngine in-process) or "grpc"
+    mode: str                 # "engine" (AsyncEngine in this process) or "grpc" (a client process over gRPC)
     concurrency: int          # streams at once
     tokens: int
     wall_s: float
@@ -78,31 +85,32 @@ class FrontendResult:
         return "\n".join(lines)
 
 
+# A stream's chunks as its reader saw them: (receive time, tokens in the chunk).
+Chunks = list[tuple[float, int]]
+
+
 class _EmitTimes:
-    """Step listener: when each request's tokens left the engine (engine thread, one append per step's token)."""
+    """Step listener: the engine step time of each request's tokens, in order (one token per step per stream)."""
 
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = defaultdict(list)
 
-    def __call__(self, engine, outputs) -> None:
-        now = time.monotonic()
-        for out in outputs:
+    def __call__(self, step: StepDone) -> None:
+        for out in step.outputs:
             if out.outputs[0].token_ids:
-                self.times[out.request_id].append(now)
+                self.times[out.request_id].append(step.step_time)
 
 
-class _Receiver:
-    """The consumer side of one stream. A chunk may carry several tokens (a reader that falls behind gets pending
-    tokens merged), so tokens are counted one by one and a chunk's latency runs from the engine step that produced
-    its last token, whose stamp is ``emitted[tokens - 1]`` (one token per step per stream)."""
-
-    def __init__(self, emitted: list[float], latencies: list[float]):
-        self.emitted, self.latencies, self.tokens = emitted, latencies, 0
-
-    def chunk(self, num_tokens: int) -> None:
-        if num_tokens:
-            self.tokens += num_tokens
-            self.latencies.append(time.monotonic() - self.emitted[self.tokens - 1])
+def _latencies(emitted: dict[str, list[float]], received: dict[str, Chunks]) -> list[float]:
+    """A chunk may carry several tokens (a reader that falls behind gets pending tokens merged): its latency runs
+    from the step that produced its last token."""
+    latencies = []
+    for request_id, chunks in received.items():
+        stamps, tokens = emitted[request_id], 0
+        for when, count in chunks:
+            tokens += count
+            latencies.append(when - stamps[tokens - 1])
+    return latencies
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -111,95 +119,105 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _prompts(count: int, length: int, vocab: int, salt: int) -> list[list[int]]:
-    # Distinct prompts so that neither mode gets prefix-cache hits from the other.
+    # Distinct prompts, so that no run gets prefix-cache hits from another.
     return [[3 + (salt * 7919 + i * 104729 + j * 31) % (vocab - 3) for j in range(length)] for i in range(count)]
 
 
-async def _run_streams(concurrency: int, one_stream) -> tuple[int, float]:
-    """Run ``concurrency`` streams at once; returns (tokens received, wall seconds)."""
+async def _gather_streams(concurrency: int, one_stream) -> tuple[dict[str, Chunks], float]:
     start = time.monotonic()
-    counts = await asyncio.gather(*(one_stream(i) for i in range(concurrency)))
-    return sum(counts), time.monotonic() - start
+    streams = await asyncio.gather(*(one_stream(i) for i in range(concurrency)))
+    return dict(streams), time.monotonic() - start
 
 
-async def _engine_mode(engine: Engine, args, concurrency: int, salt: int) -> ModeResult:
-    emits = _EmitTimes()
-    async_engine = AsyncEngine(engine)
-    async_engine.step_listeners.append(emits)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    prompts = _prompts(concurrency, args.prompt_len, engine.tokenizer.vocab_size, salt)
-    latencies: list[float] = []
+# ---- the engine mode: AsyncEngine's streams read in this process ---------------------------------------------------
+async def _engine_streams(engine: AsyncEngine, prompts: list[list[int]], max_tokens: int,
+                          salt: int) -> tuple[dict[str, Chunks], float]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
-    async def one_stream(i: int) -> int:
-        request_id = f"e{salt}-{i}"
-        receiver = _Receiver(emits.times[request_id], latencies)
-        async for out in await async_engine.generate(request_id, prompts[i], params):
-            receiver.chunk(len(out.outputs[0].token_ids))
-        return receiver.tokens
+    async def one_stream(i: int) -> tuple[str, Chunks]:
+        request_id, chunks = f"e{salt}-{i}", []
+        async for out in await engine.generate(request_id, prompts[i], params):
+            chunks.append((time.monotonic(), len(out.outputs[0].token_ids)))
+        return request_id, chunks
+    return await _gather_streams(len(prompts), one_stream)
 
+
+# ---- the grpc mode: a client in a process of its own ---------------------------------------------------------------
+def _client_process(target: str, prompts: list[list[int]], max_tokens: int, salt: int, conn) -> None:
+    async def run() -> tuple[dict[str, Chunks], float]:
+        async with AsyncGenerationClient(target) as client:
+            async def one_stream(i: int) -> tuple[str, Chunks]:
+                request_id, chunks = f"g{salt}-{i}", []
+                async for chunk in client.generate(prompt_token_ids=prompts[i], request_id=request_id,
+                                                   max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
+                    chunks.append((time.monotonic(), len(chunk.token_ids)))
+                return request_id, chunks
+            return await _gather_streams(len(prompts), one_stream)
+    conn.send(asyncio.run(run()))
+    conn.close()
+
+
+def _grpc_streams(target: str, prompts: list[list[int]], max_tokens: int, salt: int) -> tuple[dict[str, Chunks], float]:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_client_process, args=(target, prompts, max_tokens, salt, child), daemon=True)
+    process.start()
+    child.close()
     try:
-        tokens, wall = await _run_streams(concurrency, one_stream)
+        return parent.recv()
     finally:
-        await async_engine.shutdown()
-    return _mode_result("engine", concurrency, tokens, wall, latencies)
+        process.join(30)
 
 
-async def _grpc_mode(server: GenerationServer, engine: Engine, args, concurrency: int, salt: int) -> ModeResult:
-    emits = _EmitTimes()
-    server.async_engine.step_listeners.append(emits)
-    prompts = _prompts(concurrency, args.prompt_len, engine.tokenizer.vocab_size, salt)
-    latencies: list[float] = []
-    async with AsyncGenerationClient(f"127.0.0.1:{server.port}") as client:
-        async def one_stream(i: int) -> int:
-            request_id = f"g{salt}-{i}"
-            receiver = _Receiver(emits.times[request_id], latencies)
-            async for chunk in client.generate(prompt_token_ids=prompts[i],
-                                               request_id=request_id, max_tokens=args.max_tokens, temperature=0.0,
-                                               ignore_eos=True):
-                receiver.chunk(len(chunk.token_ids))
-            return receiver.tokens
-
-        try:
-            tokens, wall = await _run_streams(concurrency, one_stream)
-        finally:
-            server.async_engine.step_listeners.remove(emits)
-    return _mode_result("grpc", concurrency, tokens, wall, latencies)
-
-
-def _mode_result(mode, concurrency, tokens, wall, latencies) -> ModeResult:
+def _mode_result(mode: str, concurrency: int, received: dict[str, Chunks], wall: float,
+                 emitted: dict[str, list[float]]) -> ModeResult:
+    tokens = sum(count for chunks in received.values() for _, count in chunks)
+    latencies = _latencies(emitted, received)
     return ModeResult(mode, concurrency, tokens, wall, tokens / wall if wall else 0.0,
                       1000 * percentile(latencies, 0.50), 1000 * percentile(latencies, 0.99))
 
 
-def run(args: argparse.Namespace) -> int:
-    result = measure(args)
-    print(result.table())
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(asdict(result), f, indent=2)
-    return 0
+def _engine_config(args, levels: list[int]) -> EngineConfig:
+    max_tokens_needed = max(levels) * (args.prompt_len + args.max_tokens)
+    return EngineConfig(model=args.model, attention_backend=args.attention_backend,
+                        cache=CacheConfig(num_kv_blocks=-(-max_tokens_needed // 16) + 64, enable_prefix_caching=False),
+                        scheduler=SchedulerConfig(max_num_seqs=max(levels),
+                                                  max_num_batched_tokens=max(2048, max(levels))))
 
 
 def measure(args: argparse.Namespace) -> FrontendResult:
     levels = [int(c) for c in args.concurrency.split(",")]
-    max_tokens_needed = max(levels) * (args.prompt_len + args.max_tokens)
-    engine = Engine(EngineConfig(
-        model=args.model, attention_backend="torch",
-        cache=CacheConfig(num_kv_blocks=-(-max_tokens_needed // 16) + 64, enable_prefix_caching=False),
-        scheduler=SchedulerConfig(max_num_seqs=max(levels), max_num_batched_tokens=max(2048, max(levels)))))
+    config = _engine_config(args, levels)
     result = FrontendResult(settings={k: v for k, v in vars(args).items() if k != "func"},
                             machine=asdict(machine_info()))
-    # First calls pay one-time costs (allocator growth, kernel selection) that neither mode should be charged.
-    asyncio.run(_engine_mode(engine, args, 1, -1))
-    for salt, concurrency in enumerate(levels):
-        result.results.append(asyncio.run(_engine_mode(engine, args, concurrency, 2 * salt)))
-    # The server gets an event loop of its own, as in a deployment it does not share the client's.
-    server = ServerThread(ServerOptions(host="127.0.0.1", port=0, metrics_port=None), lambda: engine)
+
+    engine = AsyncEngine(ProcessEngineCore(config).wait_ready())
+    emits = _EmitTimes()
+    engine.step_listeners.append(emits)
+    vocab = engine.info.vocab_size
     try:
+        # First calls pay one-time costs (allocator growth, kernel selection) that no mode should be charged.
+        asyncio.run(_engine_streams(engine, _prompts(1, args.prompt_len, vocab, -1), args.max_tokens, -1))
         for salt, concurrency in enumerate(levels):
-            result.results.append(asyncio.run(_grpc_mode(server.server, engine, args, concurrency, 2 * salt + 1)))
+            prompts = _prompts(concurrency, args.prompt_len, vocab, 2 * salt)
+            received, wall = asyncio.run(_engine_streams(engine, prompts, args.max_tokens, 2 * salt))
+            result.results.append(_mode_result("engine", concurrency, received, wall, emits.times))
+    finally:
+        asyncio.run(engine.shutdown())
+
+    server = ServerThread(ServerOptions(host="127.0.0.1", port=0, metrics_port=None),
+                          ProcessEngineCore(config).wait_ready)
+    emits = _EmitTimes()
+    server.server.async_engine.step_listeners.append(emits)
+    try:
+        _grpc_streams(server.target, _prompts(1, args.prompt_len, vocab, -2), args.max_tokens, -2)
+        for salt, concurrency in enumerate(levels):
+            prompts = _prompts(concurrency, args.prompt_len, vocab, 2 * salt + 1)
+            received, wall = _grpc_streams(server.target, prompts, args.max_tokens, 2 * salt + 1)
+            result.results.append(_mode_result("grpc", concurrency, received, wall, emits.times))
     finally:
         server.close()
+
     by_key = {(r.mode, r.concurrency): r for r in result.results}
     for concurrency in levels:
         e, g = by_key["engine", concurrency], by_key["grpc", concurrency]
@@ -207,6 +225,15 @@ def measure(args: argparse.Namespace) -> FrontendResult:
                                         g.chunk_latency_p99_ms - e.chunk_latency_p99_ms,
                                         g.tokens_per_s / e.tokens_per_s if e.tokens_per_s else 0.0))
     return result
+
+
+def run(args: argparse.Namespace) -> int:
+    result = measure(args)
+    print(result.table())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

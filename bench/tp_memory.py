@@ -60,7 +60,7 @@ def measure(model: str, n: int, dtype: str) -> SizeResult:
     engine = LLM(model, load_format="dummy", dtype=dtype, tensor_parallel_size=n, num_kv_blocks=NUM_KV_BLOCKS,
                  attention_backend="torch").engine
     try:
-        ranks = engine.rank_memory() if n > 1 else [
+        ranks = engine.executor.rank_memory(engine.runner) if n > 1 else [
             measure_rank_memory(0, engine.runner.model, engine.runner.kv_caches)]
     finally:
         engine.shutdown()

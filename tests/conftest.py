@@ -72,7 +72,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from glmserve.engine.model.checkpoint_writer import write_checkpoint
-    from glmserve.engine.config.engine_config import MODEL_PRESETS
+    from glmserve.engine.config.model_config import MODEL_PRESETS
     from glmserve.engine.text.tokenizer import embedded_tokenizer_path
     return write_checkpoint(tmp_path_factory.mktemp("glm-tiny"), MODEL_PRESETS["glm-tiny"],
                             embedded_tokenizer_path(), dtype=torch.float32, seed=0)

@@ -1,25 +1,25 @@
-"""Helpers for engine tests: build an Engine on a checkpoint, drive it, check that no KV block leaked."""
+"""Helpers for engine tests: build an EngineCore on a checkpoint, drive it, check that no KV block leaked."""
 from __future__ import annotations
 
 import random
 
 from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.engine.core.outputs import RequestOutput
 
 
 def make_engine(model: str, *, num_kv_blocks: int | None = 512, block_size: int = 16, max_num_seqs: int = 64,
                 max_num_batched_tokens: int = 512, prefix_caching: bool = True, chunked_prefill: bool = True,
                 attention_backend: str = "auto", max_model_len: int | None = None, device: str = "cpu",
-                dtype: str = "auto") -> Engine:
-    return Engine(EngineConfig(
+                dtype: str = "auto") -> EngineCore:
+    return EngineCore(EngineConfig(
         model=model, attention_backend=attention_backend, device=device, dtype=dtype,
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, enable_prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   enable_chunked_prefill=chunked_prefill, max_model_len=max_model_len)))
 
 
-def run_to_completion(engine: Engine, arrivals: dict[int, list[tuple]] | None = None) -> dict[str, list[int]]:
+def run_to_completion(engine: EngineCore, arrivals: dict[int, list[tuple]] | None = None) -> dict[str, list[int]]:
     """Step until idle; ``arrivals[step]`` lists (request_id, prompt, params) added before that step.
     Returns the output token ids per request id."""
     arrivals = dict(arrivals or {})
@@ -42,7 +42,7 @@ def collect(outputs: list[RequestOutput]) -> dict[str, list[int]]:
     return result
 
 
-def assert_no_leaks(engine: Engine) -> None:
+def assert_no_leaks(engine: EngineCore) -> None:
     bm = engine.block_manager
     bm.check_invariants()
     assert not bm.req_blocks, f"requests still own blocks: {list(bm.req_blocks)}"

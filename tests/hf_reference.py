@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from glmserve.bench.common.hf_glm import hf_config, hf_state_dict
-from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.config.model_config import ModelConfig
 
 
 def build_hf_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32):

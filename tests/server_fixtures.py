@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from glmserve.engine.entrypoints.grpc.client import GenerationClient
 from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.core_client import InprocEngineCore
+from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.engine.entrypoints.grpc.server import ServerOptions
 from glmserve.engine.entrypoints.grpc.server_thread import ServerThread
 
@@ -39,14 +40,15 @@ def tiny_engine_config(**scheduler) -> EngineConfig:
 class InProcessServer(ServerThread):
     """A server on a background event-loop thread, with the tiny model by default and test conveniences."""
 
-    def __init__(self, options: ServerOptions | None = None, make_engine: Callable[[], Engine] | None = None,
+    def __init__(self, options: ServerOptions | None = None, make_engine: Callable[[], EngineCore] | None = None,
                  wait_loaded: bool = True):
-        super().__init__(options or ServerOptions(port=0, metrics_port=0),
-                         make_engine or (lambda: Engine(tiny_engine_config())), wait_loaded)
+        make_engine = make_engine or (lambda: EngineCore(tiny_engine_config()))
+        super().__init__(options or ServerOptions(port=0, metrics_port=0), lambda: InprocEngineCore(make_engine()),
+                         wait_loaded)
 
     @property
-    def engine(self) -> Engine:
-        return self.server.async_engine.engine
+    def engine(self) -> EngineCore:
+        return self.server.async_engine.client.core
 
     def client(self, **kwargs) -> GenerationClient:
         return GenerationClient(self.target, **kwargs)
@@ -109,7 +111,7 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
 
 # ---- scripted replies: make the dummy model "say" a chosen token sequence ----------------------------------------
 @contextmanager
-def scripted_replies(engine: Engine, scripts: dict[str, list[int]]):
+def scripted_replies(engine: EngineCore, scripts: dict[str, list[int]]):
     """While active, a request whose id is in ``scripts`` (or any request, for the key ``"*"``) samples exactly
     those tokens, in order.
 
@@ -150,6 +152,7 @@ class ServeProcess:
         self._new_line = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
         match = SERVING_LINE.search(self.wait_for_line("glmserve: serving on", timeout))
+        self.engine_core_pid = int(self.wait_for_line("glmserve: engine core pid", timeout).split()[-1])
         self.port = int(match.group(2))
         self.metrics_port = None if match.group(3) == "off" else int(match.group(3))
         self.target = f"127.0.0.1:{self.port}"

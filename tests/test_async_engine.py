@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from glmserve.engine.runtime.async_engine import AsyncEngine, _coalesce
+from glmserve.engine.runtime.core_client import InprocEngineCore
 from glmserve.engine.core.errors import DuplicateRequestError, RequestError
 from glmserve.engine.core.outputs import CompletionOutput, RequestOutput
 from glmserve.engine.core.sampling_params import SamplingParams
@@ -35,7 +36,7 @@ def test_stream_validation_abort_and_no_leaks(tiny_checkpoint):
     engine = make_engine(str(tiny_checkpoint))
 
     async def scenario():
-        async_engine = AsyncEngine(engine)
+        async_engine = AsyncEngine(InprocEngineCore(engine))
         try:
             with pytest.raises(RequestError):
                 await async_engine.generate("bad", [], SamplingParams())

@@ -22,16 +22,16 @@ def test_allocate_grows_by_blocks_and_free_returns_them():
     bm = BlockManager(num_blocks=8, block_size=4)
     req = _req("a", list(range(10)))          # 10 tokens -> 3 blocks
     assert _admit(bm, req) == 0
-    assert len(bm.block_ids("a")) == 3 and bm.num_free_blocks == 5
+    assert len(bm.block_ids(req)) == 3 and bm.num_free_blocks == 5
     req.token_ids.append(99)                   # 11 tokens: still 3 blocks
     assert bm.allocate(req, 1)
-    assert len(bm.block_ids("a")) == 3
+    assert len(bm.block_ids(req)) == 3
     req.num_computed_tokens += 1
     req.token_ids.append(100)                  # 12 tokens fill block 3; the 13th needs a 4th
-    assert bm.allocate(req, 1) and len(bm.block_ids("a")) == 3
+    assert bm.allocate(req, 1) and len(bm.block_ids(req)) == 3
     req.num_computed_tokens += 1
     req.token_ids.append(101)
-    assert bm.allocate(req, 1) and len(bm.block_ids("a")) == 4
+    assert bm.allocate(req, 1) and len(bm.block_ids(req)) == 4
     bm.check_invariants()
     bm.free(req)
     assert bm.num_free_blocks == 8
@@ -42,7 +42,7 @@ def test_allocation_failure_changes_nothing():
     bm = BlockManager(num_blocks=2, block_size=4)
     req = _req("a", list(range(12)))           # needs 3 blocks
     assert not bm.allocate(req, 12)
-    assert bm.num_free_blocks == 2 and bm.block_ids("a") == []
+    assert bm.num_free_blocks == 2 and bm.block_ids(req) == []
     bm.check_invariants()
 
 
@@ -52,10 +52,10 @@ def test_prefix_hit_shares_blocks_and_last_user_frees():
     _admit(bm, a)
     b = _req("b", list(range(8)) + [77, 78])   # same first two blocks
     assert _admit(bm, b) == 8
-    assert bm.block_ids("a")[:2] == bm.block_ids("b")[:2]
-    assert bm.blocks[bm.block_ids("a")[0]].ref_count == 2
+    assert bm.block_ids(a)[:2] == bm.block_ids(b)[:2]
+    assert bm.blocks[bm.block_ids(a)[0]].ref_count == 2
     bm.free(a)
-    shared = bm.block_ids("b")[0]
+    shared = bm.block_ids(b)[0]
     assert bm.blocks[shared].ref_count == 1 and shared not in bm.free_queue
     bm.free(b)
     assert bm.num_free_blocks == 16

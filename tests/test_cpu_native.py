@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from glmserve.engine.attention.backends import CpuAttentionBackend, TorchAttentionBackend, make_attention_backend
-from glmserve.engine.config.engine_config import ConfigError, EngineConfig
+from glmserve.engine.config.engine_config import EngineConfig
+from glmserve.engine.config.errors import ConfigError
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.kernels.cpu import native as cpu_native
 from glmserve.kernels.cpu import fused_ops as cpu_ops

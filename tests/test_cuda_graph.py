@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from glmserve.engine.model.forward_batch import ForwardBatch
-from glmserve.engine.config.engine_config import ConfigError, EngineConfig
+from glmserve.engine.config.engine_config import EngineConfig
+from glmserve.engine.config.errors import ConfigError
 from glmserve.engine.worker.cuda_graph import EagerReplay, capture_sizes
 from glmserve.engine.core.sampling_params import SamplingParams
 

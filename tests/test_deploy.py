@@ -395,7 +395,7 @@ def test_api_key_comes_from_a_secret_never_the_args(overlay):
 
 # ---- the model -------------------------------------------------------------------------------------------------
 def test_model_source_exists_in_the_pod(overlay):
-    from glmserve.engine.config.engine_config import MODEL_PRESETS
+    from glmserve.engine.config.model_config import MODEL_PRESETS
     name, objects = overlay
     args, container = server_args(objects), server_container(objects)
     model, max_len = flag(args, "--model"), int(flag(args, "--max-model-len"))

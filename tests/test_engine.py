@@ -59,7 +59,7 @@ def test_batched_sample_equals_hf(tiny_checkpoint, workload, alone):
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    from glmserve.engine.config.engine_config import ModelConfig
+    from glmserve.engine.config.model_config import ModelConfig
 
     from .hf_reference import build_hf_model, hf_greedy
     config = ModelConfig.from_json(str(tiny_checkpoint / "config.json"))
@@ -76,7 +76,7 @@ def test_preemption_with_a_small_pool_keeps_outputs(tiny_checkpoint, workload, a
     needed = sum(-(-(len(p) + q.max_tokens) // 16) for p, q in zip(prompts, params))
     engine = make_engine(str(tiny_checkpoint), num_kv_blocks=needed // 4)
     tokens = run_to_completion(engine, _shuffled_arrivals(workload))
-    assert engine.stats()["num_preemptions"] > 0
+    assert engine.stats().num_preemptions > 0
     for i, expected in enumerate(alone):
         assert tokens[f"r{i}"] == expected, f"request {i} differs after preemption"
     assert_no_leaks(engine)
@@ -105,9 +105,9 @@ def test_prefix_caching_gives_identical_outputs_and_counts_hits(tiny_checkpoint)
         results[caching] = out
         stats = engine.stats()
         if caching:
-            assert stats["prefix_cache_hits"] > 0
+            assert stats.prefix_cache_hits > 0
         else:
-            assert stats["prefix_cache_hits"] == 0
+            assert stats.prefix_cache_hits == 0
         assert_no_leaks(engine)
     assert results[True] == results[False]
 
@@ -117,11 +117,11 @@ def test_repeated_prompt_recomputes_only_its_uncached_tail(tiny_checkpoint):
     prompt = random_prompts(1, 2000, (50, 50), seed=9)[0]
     params = SamplingParams(max_tokens=1, **GREEDY)
     first = run_to_completion(engine, {0: [("a", prompt, params)]})["a"]
-    hits_before = engine.stats()["prefix_cache_hits"]
+    hits_before = engine.stats().prefix_cache_hits
     engine.add_request("b", prompt, params)
     engine.step()
     assert engine.last_step_num_tokens == 50 - 48            # 3 full blocks of 16 were cached
-    assert engine.stats()["prefix_cache_hits"] - hits_before == 48
+    assert engine.stats().prefix_cache_hits - hits_before == 48
     assert run_to_completion(engine) == {}
     engine.add_request("c", prompt, params)
     assert run_to_completion(engine)["c"] == first
@@ -137,13 +137,13 @@ def test_chunked_prefill_keeps_decodes_advancing(tiny_checkpoint):
     engine.step()                                            # the three prompts prefill together
     engine.add_request("long", long_prompt, SamplingParams(max_tokens=3, **GREEDY))
     prefill_steps = 0
-    long_request = engine.scheduler.requests["long"]
+    long_request = engine.scheduler.requests["long", 0]
     while long_request.num_computed_tokens < len(long_prompt):
-        before = {f"s{i}": engine.scheduler.requests[f"s{i}"].num_output_tokens for i in range(3)}
+        before = {f"s{i}": engine.scheduler.requests[f"s{i}", 0].num_output_tokens for i in range(3)}
         engine.step()
         prefill_steps += 1
         for rid, count in before.items():
-            assert engine.scheduler.requests[rid].num_output_tokens == count + 1, "a decode stalled"
+            assert engine.scheduler.requests[rid, 0].num_output_tokens == count + 1, "a decode stalled"
     assert prefill_steps >= 300 // 32                        # the prompt really went in chunks
     run_to_completion(engine)
     alone = make_engine(str(tiny_checkpoint))
@@ -162,8 +162,9 @@ def test_abort_mid_generation_frees_blocks_at_once(tiny_checkpoint):
         engine.step()
     used = engine.block_manager.num_blocks - engine.block_manager.num_free_blocks
     assert used > 0
+    request_a = engine.scheduler.requests["a", 0]
     assert engine.abort_request("a")
-    assert engine.block_manager.block_ids("a") == []
+    assert engine.block_manager.block_ids(request_a) == []
     assert engine.block_manager.num_blocks - engine.block_manager.num_free_blocks < used
     outs = engine.step()
     aborted = [o for o in outs if o.request_id == "a"]
@@ -197,7 +198,7 @@ def test_n_samples_share_the_prompt_and_differ(tiny_checkpoint):
             per_index.setdefault(out.outputs[0].index, []).extend(out.outputs[0].token_ids)
     assert sorted(per_index) == [0, 1, 2] and all(len(v) == 10 for v in per_index.values())
     assert len({tuple(v) for v in per_index.values()}) > 1
-    assert engine.stats()["prefix_cache_hits"] >= 32         # children 1 and 2 reuse the prompt's full blocks
+    assert engine.stats().prefix_cache_hits >= 32         # children 1 and 2 reuse the prompt's full blocks
     assert_no_leaks(engine)
 
 
@@ -257,11 +258,11 @@ def test_offline_api_returns_logprobs_and_text(tiny_checkpoint):
     for chosen, top in zip(sample.logprobs, sample.top_logprobs):
         assert len(top) == 3 and abs(top[0][1] - chosen) < 1e-5    # greedy picks the most likely token
     assert sample.text == llm.tokenizer.decode(sample.token_ids)
-    assert llm.stats()["num_free_blocks"] == 64
+    assert llm.stats().num_free_blocks == 64
 
 
 def test_unchunked_prefill_needs_a_budget_of_a_whole_context(tiny_checkpoint):
-    from glmserve.engine.config.engine_config import ConfigError
+    from glmserve.engine.config.errors import ConfigError
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         make_engine(str(tiny_checkpoint), chunked_prefill=False, max_num_batched_tokens=512)
     engine = make_engine(str(tiny_checkpoint), chunked_prefill=False, max_num_batched_tokens=4096)
@@ -286,7 +287,7 @@ def test_stop_string_ends_the_text_before_it(tiny_checkpoint):
     assert out.text == text[:text.index(stop)]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.token_ids == free.outputs[0].token_ids[:len(out.token_ids)]
-    assert llm.stats()["num_free_blocks"] == 64
+    assert llm.stats().num_free_blocks == 64
 
 
 def test_stop_token_ids_and_min_tokens(tiny_checkpoint):

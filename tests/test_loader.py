@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from glmserve.engine.model.checkpoint_writer import quantize_state_dict, random_state_dict, write_checkpoint
-from glmserve.engine.config.engine_config import ConfigError, ModelConfig
+from glmserve.engine.config.errors import ConfigError
+from glmserve.engine.config.model_config import ModelConfig
 from glmserve.engine.model.loader import load_model, resolve_model_source
 from glmserve.engine.text.tokenizer import embedded_tokenizer_path
 from glmserve.engine.model.weights import CheckpointError, dequantize
@@ -173,7 +174,7 @@ def test_preset_with_a_weights_format_is_refused():
 
 
 def test_presets_have_the_published_shapes():
-    from glmserve.engine.config.engine_config import MODEL_PRESETS
+    from glmserve.engine.config.model_config import MODEL_PRESETS
     six_b, long = MODEL_PRESETS["chatglm3-6b"], MODEL_PRESETS["chatglm3-6b-32k"]
     assert six_b.num_parameters() == 6_243_584_000
     assert six_b.kv_bytes_per_token(2) == 28_672

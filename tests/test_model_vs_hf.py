@@ -13,7 +13,7 @@ import torch
 
 from glmserve.engine.model import cpu_linear
 from glmserve.engine.model.checkpoint_writer import random_state_dict, write_checkpoint
-from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.config.model_config import ModelConfig
 from glmserve.engine.model.loader import load_model, resolve_model_source
 from glmserve.engine.text.tokenizer import embedded_tokenizer_path
 from glmserve.kernels.cpu.native import native_cpu_available

@@ -10,7 +10,7 @@ import torch
 
 from glmserve.engine.worker import profiling
 from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.engine.model.loader import load_model, resolve_model_source
 from glmserve.engine.worker.model_runner import ModelRunner
 
@@ -40,11 +40,11 @@ def test_profiling_forward_runs_and_excludes_its_temporary_cache(fake_cuda_memor
 
 def test_engine_sizes_the_cache_from_the_card_minus_the_profiled_peak(monkeypatch, tiny_checkpoint):
     total = 80 * 1024 ** 3
-    monkeypatch.setattr(profiling, "peak_forward_memory", lambda model, tokens, bs, backend: 5 * 1024 ** 3)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
-    engine = Engine.__new__(Engine)                     # only the sizing step, on a CPU model
+    engine = EngineCore.__new__(EngineCore)                    # only the sizing step, on a CPU model
     engine.config = EngineConfig(model=str(tiny_checkpoint), cache=CacheConfig(gpu_memory_utilization=0.5),
                                  scheduler=SchedulerConfig(max_num_batched_tokens=256))
+    engine.executor = SimpleNamespace(peak_forward_memory=lambda model: 5 * 1024 ** 3)
     engine.device, engine.dtype = torch.device("cpu"), torch.float32
     source = resolve_model_source(str(tiny_checkpoint), "auto", None)
     model = load_model(source, torch.device("cpu"), torch.float32, seed=0)

@@ -6,6 +6,7 @@ import pytest
 
 from glmserve.proto import generation_pb2 as pb
 from glmserve.proto import generation_pb2_grpc as pb_grpc
+from glmserve.engine.entrypoints.grpc.client import collect
 
 from .server_fixtures import client, session_server, shared_server, wait_idle  # noqa: F401 (fixtures)
 
@@ -46,12 +47,23 @@ def test_bad_sampling_values(client, sampling, field_name):
     ({"prompt_token_ids": [5] * 4096}, "prompt"),   # no room left to generate within max_model_len
     ({"prompt_token_ids": [5, 10 ** 6]}, "prompt_token_ids"),
     ({"prompt_token_ids": [5, -1]}, "prompt_token_ids"),
-    ({"prompt": "x", "request_id": "a#1"}, "request_id"),
+    ({"prompt": "x", "request_id": "r" * 257}, "request_id"),
 ])
 def test_bad_prompts(client, kwargs, field_name):
     err = rpc_error(lambda: list(client.generate(**kwargs)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_name in err.details()
+
+
+def test_request_ids_may_contain_any_character(client):
+    """Samples of an n > 1 request are tracked by their request's id and index: a request named like another's
+    sample ("a#1") runs beside it without a clash."""
+    first = client.generate("x", request_id="a", n=2, max_tokens=40, min_tokens=40, temperature=1.0, seed=1)
+    assert next(first).token_ids                   # "a" and its two samples are in flight
+    second = collect(client.generate("y", request_id="a#1", n=2, max_tokens=3, min_tokens=3, temperature=0.0))
+    assert [len(s.token_ids) for s in second] == [3, 3]
+    rest = collect(first)
+    assert sorted(s.index for s in rest) == [0, 1] and all(s.finish_reason == "length" for s in rest)
 
 
 def test_missing_input(shared_server):

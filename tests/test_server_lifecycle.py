@@ -12,7 +12,7 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from glmserve.engine.entrypoints.grpc.client import GenerationClient
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.engine.entrypoints.grpc.server import ServerOptions
 
 from .server_fixtures import InProcessServer, session_server, shared_server, tiny_engine_config  # noqa: F401
@@ -44,7 +44,7 @@ def test_not_serving_and_unavailable_until_loaded_and_warmed_up(own_server):
 
     def slow_engine():
         release.wait(30)
-        return Engine(tiny_engine_config())
+        return EngineCore(tiny_engine_config())
 
     server = own_server(make_engine=slow_engine, wait_loaded=False)
     with server.client() as c:
@@ -95,7 +95,7 @@ def test_a_dead_engine_reports_not_serving(own_server):
 
 def test_api_key_and_queue_limit(own_server):
     server = own_server(options=ServerOptions(port=0, metrics_port=0, api_key="sekrit", max_waiting_requests=1),
-                        make_engine=lambda: Engine(tiny_engine_config(max_num_seqs=1)))
+                        make_engine=lambda: EngineCore(tiny_engine_config(max_num_seqs=1)))
     with server.client() as anonymous, server.client(api_key="wrong") as wrong, \
             server.client(api_key="sekrit") as c:
         assert anonymous.health() == "SERVING"   # health is exempt

@@ -24,8 +24,9 @@ def test_counters_match_what_was_sent(client, shared_server):
     prompts = ["one", "two words", "three words here"]
     prompt_lens = [len(client.tokenize(p)) for p in prompts]
     for p in prompts:
-        list(client.generate(p, max_tokens=5, ignore_eos=True))
-    chat = list(client.chat([{"role": "user", "content": "hi"}], max_tokens=4, ignore_eos=True, stream=False))
+        list(client.generate(p, max_tokens=5, min_tokens=5))
+    # min_tokens: no stop token (eos, or a chat's <|user|> / <|observation|>) can end a sample early
+    chat = list(client.chat([{"role": "user", "content": "hi"}], max_tokens=4, min_tokens=4, stream=False))
     with pytest.raises(grpc.RpcError):
         list(client.generate("bad", temperature=-1))
     after = parse_metrics(shared_server.metrics_text())

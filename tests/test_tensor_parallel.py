@@ -13,17 +13,20 @@ import grpc
 import pytest
 import torch
 
-from glmserve.engine.runtime.async_engine import AsyncEngine, EngineStepError
+from glmserve.engine.core.errors import EngineStepError
+from glmserve.engine.runtime.async_engine import AsyncEngine
+from glmserve.engine.runtime.core_client import InprocEngineCore
 from glmserve.engine.model.checkpoint_writer import write_checkpoint
 from glmserve.engine.entrypoints.grpc.client import GenerationClient, collect
-from glmserve.engine.config.engine_config import MODEL_PRESETS
+from glmserve.engine.config.model_config import MODEL_PRESETS
 from glmserve.engine.core.errors import EngineDeadError
 from glmserve.engine.entrypoints.llm import LLM
 from glmserve.engine.model.glm import GLMForCausalLM
 from glmserve.engine.model.shard_layout import ShardLayout
 from glmserve.engine.distributed.protocol import WorkerReady
 from glmserve.engine.core.sampling_params import SamplingParams
-from glmserve.engine.distributed.tp_engine import TensorParallelEngine, TensorParallelError
+from glmserve.engine.distributed.tp_executor import TensorParallelError, TensorParallelExecutor
+from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.engine.text.tokenizer import embedded_tokenizer_path
 
 from .engine_helpers import random_prompts
@@ -77,8 +80,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _check_rank_memory(engine: TensorParallelEngine, n: int) -> None:
-    memory = engine.rank_memory()
+def _check_rank_memory(engine: EngineCore, n: int) -> None:
+    memory = engine.executor.rank_memory(engine.runner)
     total = TINY.num_parameters() * 4
     assert [m.rank for m in memory] == list(range(n))
     for m in memory:
@@ -99,18 +102,18 @@ class TestTwoRanks:
         llm.engine.shutdown()
 
     def test_tp2_gives_tp1_greedy_tokens_and_each_rank_holds_half(self, tiny_checkpoint, tp2):
-        assert isinstance(tp2.engine, TensorParallelEngine)
+        assert isinstance(tp2.engine.executor, TensorParallelExecutor)
         assert _greedy(tp2) == _greedy(LLM(str(tiny_checkpoint), **ENGINE_ARGS))
         _check_rank_memory(tp2.engine, 2)
 
     def test_a_worker_dying_mid_generation_fails_the_engine_instead_of_hanging(self, tp2):
         engine = tp2.engine
-        async_engine = AsyncEngine(engine)
+        async_engine = AsyncEngine(InprocEngineCore(engine))
 
         async def generate_and_kill():
             stream = await async_engine.generate("long", [5, 6, 7], SamplingParams(max_tokens=3000, ignore_eos=True))
             await stream.__anext__()
-            os.kill(engine.pool.worker_pids[0], signal.SIGKILL)
+            os.kill(engine.executor.pool.worker_pids[0], signal.SIGKILL)
             with pytest.raises(EngineStepError, match=r"tensor-parallel rank 1 \(pid \d+\) died"):
                 async for _ in stream:
                     pass
@@ -131,14 +134,15 @@ def test_tp4_replicates_the_kv_groups_and_gives_tp1_greedy_tokens(bin_checkpoint
         assert _greedy(llm) == expected
         _check_rank_memory(llm.engine, 4)
         # A worker's own error reaches rank 0 with its traceback, and the engine stays failed.
-        llm.engine.pool.send("not a command")
+        pool = llm.engine.executor.pool
+        pool.send("not a command")
         with pytest.raises(TensorParallelError, match=r"rank [123] failed:\n(.|\n)*unknown command 'not a command'"):
-            llm.engine.pool.expect(WorkerReady)
+            pool.expect(WorkerReady)
         with pytest.raises(TensorParallelError, match="rank [123] failed"):
             llm.engine.step()
     finally:
         llm.engine.shutdown()
-    assert not any(_alive(pid) for pid in llm.engine.pool.worker_pids)
+    assert not any(_alive(pid) for pid in pool.worker_pids)
 
 
 # ---- through the gRPC server ---------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def test_serve_tp2_gives_tp1_tokens_and_its_workers_exit_with_it():
     server = ServeProcess("--tensor-parallel-size", "2", "--seed", str(SEED))
     try:
         server.wait_for_line("glmserve: ready")
-        workers = _worker_pids(server.proc.pid)
+        workers = _worker_pids(server.engine_core_pid)
         assert len(workers) == 1
         with GenerationClient(server.target) as client:
             for prompt, want in zip(prompts, expected):
@@ -170,7 +174,7 @@ def test_serve_reports_not_serving_when_a_worker_dies_and_a_killed_server_takes_
     server = ServeProcess("--tensor-parallel-size", "4")
     try:
         server.wait_for_line("glmserve: ready")
-        workers = _worker_pids(server.proc.pid)
+        workers = _worker_pids(server.engine_core_pid)
         assert len(workers) == 3
         with GenerationClient(server.target) as client:
             assert client.health() == "SERVING"
@@ -182,7 +186,7 @@ def test_serve_reports_not_serving_when_a_worker_dies_and_a_killed_server_takes_
             eventually(lambda: client.health() == "NOT_SERVING", what="health NOT_SERVING")
         # The failed step never reached ranks 2 and 3 (the watchdog had already failed the engine): they are idle.
         assert all(_alive(p) for p in workers[1:])
-        server.proc.kill()      # no atexit, no shutdown: the workers see their pipe close
+        server.proc.kill()      # no atexit, no shutdown: the engine core sees its pipe close, then the workers theirs
         server.proc.wait(10)
         eventually(lambda: not any(_alive(p) for p in workers[1:]), timeout=10, what="the workers exit")
     finally:

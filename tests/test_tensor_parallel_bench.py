@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from glmserve.bench import tp_memory
-from glmserve.engine.config.engine_config import MODEL_PRESETS
+from glmserve.engine.config.model_config import MODEL_PRESETS
 
 
 def test_tp_memory_reports_half_the_parameter_bytes_per_rank_at_n2(tmp_path, capsys):

@@ -13,7 +13,8 @@ from glmserve.engine.attention.backends import make_attention_backend
 from glmserve.engine.attention.metadata import AttentionMetadata
 from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.model.checkpoint_writer import write_checkpoint
-from glmserve.engine.config.engine_config import MODEL_PRESETS, ConfigError, ModelConfig
+from glmserve.engine.config.errors import ConfigError
+from glmserve.engine.config.model_config import MODEL_PRESETS, ModelConfig
 from glmserve.engine.model.loader import ModelSource, load_model, resolve_model_source
 from glmserve.engine.model.glm import GLMForCausalLM
 from glmserve.engine.model.shard_layout import ShardLayout, TensorSlice

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.config.model_config import ModelConfig
 
 # ChatGLM3's chat stop ids; GlmConfig's defaults are GLM-4's.
 CHATGLM3_EOS_IDS = [2, 64795, 64797]

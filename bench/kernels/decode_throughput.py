@@ -75,7 +75,7 @@ def measure_engine_step(engine, batch_size: int, context: int, steps: int, seed:
     ids = [f"d{batch_size}-{i}" for i in range(batch_size)]
     for request_id in ids:
         engine.add_request(request_id, [rng.randrange(3, vocab) for _ in range(context)], params)
-    requests = [engine.scheduler.requests[i] for i in ids]
+    requests = [engine.scheduler.requests[i, 0] for i in ids]
     while any(r.num_output_tokens == 0 for r in requests):    # prefill (and the first token) untimed
         engine.step()
     engine.step()                                             # one warm decode step

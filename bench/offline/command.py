@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_glmserve(llm: LLM, requests: list[BenchRequest]) -> tuple[list[list[int]], SystemResult, EngineOverhead]:
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
-    preemptions_before = llm.stats()["num_preemptions"]
+    preemptions_before = llm.stats().num_preemptions
     with ForwardTimer(llm.engine.runner.model) as times:
         start = cpu_snapshot()
         results = llm.generate(prompt_token_ids=[r.prompt_token_ids for r in requests], sampling_params=params)
@@ -99,7 +99,7 @@ def run_glmserve(llm: LLM, requests: list[BenchRequest]) -> tuple[list[list[int]
     system = _system("glmserve (continuous batching)", len(requests), num_tokens, seconds, start, end)
     overhead = EngineOverhead(seconds, times.forward_seconds, times.logits_seconds, num_tokens,
                               times.num_forward_calls, times.num_forward_tokens,
-                              llm.stats()["num_preemptions"] - preemptions_before)
+                              llm.stats().num_preemptions - preemptions_before)
     return outputs, system, overhead
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.config.model_config import ModelConfig
 
 from glmserve.bench.common.hf_glm import hf_config, hf_state_dict
 from glmserve.bench.offline.workload import BenchRequest

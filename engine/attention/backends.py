@@ -17,7 +17,7 @@ from glmserve.kernels.reference.attention import (paged_decode_attention_ref, pa
                                         write_kv_cache_ref)
 
 from glmserve.engine.attention.metadata import AttentionMetadata
-from glmserve.engine.config.engine_config import ConfigError
+from glmserve.engine.config.errors import ConfigError
 
 
 class AttentionBackend(Protocol):

@@ -13,7 +13,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from glmserve.engine.core.request import Request
+from glmserve.engine.core.request import Request, RequestKey
 
 
 @dataclass
@@ -44,8 +44,8 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order
         self.cached: dict[bytes, int] = {}           # block hash -> block id
-        self.req_blocks: dict[str, list[int]] = {}
-        self.req_hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
+        self.req_blocks: dict[RequestKey, list[int]] = {}
+        self.req_hashes: dict[RequestKey, list[bytes]] = {}  # chained hashes of the request's full blocks
         self.stats = PrefixCacheStats()
 
     # ---- queries ----------------------------------------------------------------------------------------------
@@ -61,8 +61,8 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return self.req_blocks.get(request_id, [])
+    def block_ids(self, request: Request) -> list[int]:
+        return self.req_blocks.get(request.key, [])
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -94,14 +94,14 @@ class BlockManager:
     def allocate(self, request: Request, num_new_tokens: int, cached_prefix: list[int] = ()) -> bool:
         """Make room for ``num_new_tokens`` more tokens after the computed ones (and take ``cached_prefix``
         on first admission). Returns False, changing nothing, when the pool is too small right now."""
-        owned = self.req_blocks.get(request.request_id, [])
+        owned = self.req_blocks.get(request.key, [])
         num_computed = len(cached_prefix) * self.block_size if cached_prefix else request.num_computed_tokens
         needed = self.blocks_needed(num_computed + num_new_tokens) - len(owned) - len(cached_prefix)
         # Cached blocks that sit in the free list are taken out of it, so they count against the free blocks.
         revived = sum(1 for b in cached_prefix if self.blocks[b].ref_count == 0)
         if needed + revived > self.num_free_blocks:
             return False
-        owned = self.req_blocks.setdefault(request.request_id, owned)
+        owned = self.req_blocks.setdefault(request.key, owned)
         for block_id in cached_prefix:
             self._take(block_id)
             owned.append(block_id)
@@ -117,8 +117,8 @@ class BlockManager:
 
     def free(self, request: Request) -> None:
         """Release the request's blocks (tail first, so shared prefixes are evicted last)."""
-        owned = self.req_blocks.pop(request.request_id, [])
-        self.req_hashes.pop(request.request_id, None)
+        owned = self.req_blocks.pop(request.key, [])
+        self.req_hashes.pop(request.key, None)
         for block_id in reversed(owned):
             block = self.blocks[block_id]
             block.ref_count -= 1
@@ -147,7 +147,7 @@ class BlockManager:
 
     def _block_hashes(self, request: Request) -> list[bytes]:
         """Chained hashes of all full blocks of the request's tokens, extended incrementally."""
-        hashes = self.req_hashes.setdefault(request.request_id, [])
+        hashes = self.req_hashes.setdefault(request.key, [])
         tokens = request.token_ids
         for i in range(len(hashes), len(tokens) // self.block_size):
             chunk = tokens[i * self.block_size:(i + 1) * self.block_size]
@@ -157,7 +157,7 @@ class BlockManager:
     def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.enable_prefix_caching:
             return
-        owned = self.req_blocks[request.request_id]
+        owned = self.req_blocks[request.key]
         num_full = min(num_tokens, request.num_tokens) // self.block_size
         hashes = self._block_hashes(request)
         for i in range(num_full):

@@ -13,6 +13,10 @@ import torch
 
 from glmserve.engine.core.sampling_params import SamplingParams
 
+# One sequence of the engine: (the client's request id, which of its n samples). Samples are tracked by their
+# request's id and their index, so a request id may contain any character.
+RequestKey = tuple[str, int]
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -37,15 +41,15 @@ class RequestTimes:
 
 @dataclass(eq=False)
 class Request:
-    request_id: str
+    request_id: str                        # the client's id, shared by the request's n samples
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0                      # lower runs first (FCFS within a priority)
     arrival_time: float = field(default_factory=time.monotonic)
-    index: int = 0                         # which of a parent's n samples this is
-    parent_id: str | None = None
+    index: int = 0                         # which of the request's n samples this is
 
     def __post_init__(self) -> None:
+        self.key: RequestKey = (self.request_id, self.index)
         self.token_ids: list[int] = list(self.prompt_token_ids)   # prompt + output, grows by one per decode
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.num_computed_tokens = 0

@@ -19,6 +19,9 @@ class SamplingParamsError(ValueError):
         super().__init__(message)
         self.field = field_name
 
+    def __reduce__(self):   # rebuilt from its arguments when it crosses a process boundary
+        return type(self), (self.field, str(self))
+
 
 @dataclass
 class SamplingParams:
@@ -38,6 +41,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None          # top logprobs returned besides the chosen token; 0: only the chosen one
     skip_special_tokens: bool = True
+    # A ChatGLM3 reply decodes with a leading "\n " (the empty metadata line's newline, then the content's
+    # dummy-prefix space); the chat layer asks for it to be removed. The engine itself knows nothing of chats.
+    strip_reply_prefix: bool = False
 
     def __post_init__(self) -> None:
         # A single stop string is as common in requests as a list; store a list either way.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from glmserve.engine.core.block_manager import BlockManager
 from glmserve.engine.config.engine_config import SchedulerConfig
-from glmserve.engine.core.request import FinishReason, Request, RequestStatus
+from glmserve.engine.core.request import FinishReason, Request, RequestKey, RequestStatus
 
 
 @dataclass
@@ -48,22 +48,22 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: list[tuple[int, int, Request]] = []     # heap of (priority, arrival order, request)
         self.running: list[Request] = []                      # in admission order (newest last)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[RequestKey, Request] = {}
         self._arrivals = itertools.count()
-        self._order: dict[str, int] = {}
+        self._order: dict[RequestKey, int] = {}
         self.stats = SchedulerStats()
 
     # ---- requests in and out ----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in flight")
-        self.requests[request.request_id] = request
-        self._order[request.request_id] = next(self._arrivals)
+        if request.key in self.requests:
+            raise ValueError(f"request {request.key!r} is already in flight")
+        self.requests[request.key] = request
+        self._order[request.key] = next(self._arrivals)
         self._push_waiting(request)
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, key: RequestKey) -> Request | None:
         """Finish a request wherever it is and free its blocks at once."""
-        request = self.requests.get(request_id)
+        request = self.requests.get(key)
         if request is None:
             return None
         if request.status is RequestStatus.RUNNING:
@@ -150,7 +150,7 @@ class Scheduler:
         """Allocate blocks for ``request``, preempting the latest-admitted lower-or-equal-priority requests
         until it fits. Returns False if ``request`` itself had to be preempted."""
         while not self.block_manager.allocate(request, num_new):
-            victim = max(self.running, key=lambda r: (r.priority, self._order[r.request_id]))
+            victim = max(self.running, key=lambda r: (r.priority, self._order[r.key]))
             self._preempt(victim, batch)
             if victim is request:
                 return False
@@ -208,10 +208,10 @@ class Scheduler:
 
     # ---- internals --------------------------------------------------------------------------------------------
     def _push_waiting(self, request: Request) -> None:
-        heapq.heappush(self.waiting, (request.priority, self._order[request.request_id], request))
+        heapq.heappush(self.waiting, (request.priority, self._order[request.key], request))
 
     def _finish(self, request: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         self.block_manager.free(request)
         request.finish(reason, stop_reason)
-        del self.requests[request.request_id]
-        del self._order[request.request_id]
+        del self.requests[request.key]
+        del self._order[request.key]

@@ -1,17 +1,18 @@
 """Prometheus metrics of a server, in a private registry (several servers can live in one process).
 
-Engine-side values come from an AsyncEngine step listener, called on the engine thread after every step with the
-engine lock held: it reads counters the engine keeps anyway and observes finished samples, so a step costs a
-handful of gauge sets and one histogram observation per new token. gRPC calls are counted by the servicer.
+Engine-side values come from an AsyncEngine step listener, called once per engine step with the step's event
+(the engine's counters and every request's delta): a step costs a handful of gauge sets and one histogram
+observation per new token. Latencies use the engine core's own timestamps (time.monotonic, one clock for every
+process of the machine). gRPC calls are counted by the servicer.
 The names and their vLLM equivalents are listed in the README (section Metrics).
 """
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from glmserve.engine.core.outputs import RequestOutput
+from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
+from glmserve.engine.runtime.messages import StepDone
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -61,15 +62,13 @@ class ServerMetrics:
         self._httpd = None
 
     # ---- setup ----------------------------------------------------------------------------------------------
-    def describe_engine(self, engine) -> None:
-        """Fill the info metrics and start the cumulative counters from the engine's current totals."""
-        self.model_info.info({"model": engine.model_name, "max_model_len": str(engine.max_model_len),
-                              "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device)})
-        cache = engine.config.cache
-        self.cache_config_info.info({"block_size": str(cache.block_size), "num_kv_blocks": str(engine.num_blocks),
-                                     "enable_prefix_caching": str(cache.enable_prefix_caching).lower()})
-        stats = engine.stats()
-        self._totals = {name: stats[name] for name in self._totals}
+    def describe_engine(self, info: EngineInfo, stats: EngineStats) -> None:
+        """Fill the info metrics and start the cumulative counters from the engine's totals after its warm-up."""
+        self.model_info.info({"model": info.model_name, "max_model_len": str(info.max_model_len),
+                              "dtype": info.dtype, "device": info.device})
+        self.cache_config_info.info({"block_size": str(info.block_size), "num_kv_blocks": str(info.num_kv_blocks),
+                                     "enable_prefix_caching": str(info.enable_prefix_caching).lower()})
+        self._totals = {name: getattr(stats, name) for name in self._totals}
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on a daemon thread; returns the bound port (``port`` 0 picks a free one)."""
@@ -86,23 +85,21 @@ class ServerMetrics:
     def grpc_request(self, method: str, code_name: str) -> None:
         self.grpc_requests.labels(method, code_name).inc()
 
-    def on_step(self, engine, outputs: list[RequestOutput]) -> None:
-        """The AsyncEngine step listener (engine thread, engine lock held)."""
-        stats = engine.stats()
-        self.num_running.set(stats["num_running"])
-        self.num_waiting.set(stats["num_waiting"])
-        self.kv_usage.set(stats["kv_cache_usage"])
+    def on_step(self, step: StepDone) -> None:
+        """The AsyncEngine step listener (on its event thread, once per engine step)."""
+        stats = step.stats
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
         for name, counter in (("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
                               ("prefix_cache_hits", self.prefix_hits)):
-            # Never negative: a listener that raised would stop the engine thread.
-            counter.inc(max(0, stats[name] - self._totals[name]))
-            self._totals[name] = stats[name]
-        if engine.last_step_num_tokens:
-            self.step_tokens.observe(engine.last_step_num_tokens)
-        now = time.monotonic()
-        for out in outputs:
+            counter.inc(max(0, getattr(stats, name) - self._totals[name]))   # a counter never goes down
+            self._totals[name] = getattr(stats, name)
+        if step.num_step_tokens:
+            self.step_tokens.observe(step.num_step_tokens)
+        for out in step.outputs:
             for sample in out.outputs:
-                self._observe_sample(out, sample, now)
+                self._observe_sample(out, sample, step.step_time)
 
     def _observe_sample(self, out: RequestOutput, sample, now: float) -> None:
         key = (out.request_id, sample.index)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.config.model_config import ModelConfig
 from glmserve.engine.model.loader import init_dummy_weights
 from glmserve.engine.model.glm import GLMForCausalLM
 from glmserve.engine.model.weights import (BIN_INDEX, BIN_SINGLE, QUANTIZED_LINEARS, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, quantize)

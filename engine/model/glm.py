@@ -20,7 +20,7 @@ from torch import nn
 from glmserve.kernels.cpu.fused_ops import add_rms_norm, rotate_pairs_, silu_mul
 
 from glmserve.engine.attention.backends import AttentionBackend
-from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.config.model_config import ModelConfig
 from glmserve.engine.model.cpu_linear import Linear, pack_linears, packed_weight_bytes
 from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.model.shard_layout import ShardLayout

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from glmserve.engine.config.engine_config import MODEL_PRESETS, ModelConfig, preset_names
+from glmserve.engine.config.model_config import MODEL_PRESETS, ModelConfig, preset_names
 from glmserve.engine.model.glm import GLMForCausalLM
 from glmserve.engine.model.shard_layout import ShardLayout, TensorSlice
 from glmserve.engine.model.weights import (IGNORED_TENSOR_SUFFIXES, QUANTIZED_LINEARS, CheckpointError, ShardFile, find_weight_files,

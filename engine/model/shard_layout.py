@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from glmserve.engine.config.engine_config import ConfigError, ModelConfig
+from glmserve.engine.config.errors import ConfigError
+
+from glmserve.engine.config.model_config import ModelConfig
 
 
 @dataclass(frozen=True)

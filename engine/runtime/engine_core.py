@@ -1,46 +1,49 @@
-"""The engine: one step = schedule, run the model, update. Synchronous; servers wrap it in AsyncEngine."""
+"""The engine core: one step = schedule, run the model, update. Synchronous and single-threaded.
+
+The offline ``LLM`` drives it directly; servers run it behind ``AsyncEngine``, in a thread of their own process
+or, as ``glmserve serve`` does, in a process of its own (core_process.py). It knows nothing of chats or protocols:
+a request is a prompt of token ids and its sampling parameters.
+"""
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
+from glmserve.engine.config.engine_config import EngineConfig
+from glmserve.engine.config.errors import ConfigError
 from glmserve.engine.core.block_manager import BlockManager
-from glmserve.engine.config.engine_config import ConfigError, EngineConfig
-from glmserve.engine.core.errors import DuplicateRequestError, RequestError
-from glmserve.engine.model.loader import ModelSource, load_model, resolve_dtype, resolve_model_source
-from glmserve.engine.model.glm import GLMForCausalLM
-from glmserve.engine.worker.model_runner import ModelRunner
-from glmserve.engine.runtime.output_processor import OutputProcessor, TokenEvent
+from glmserve.engine.core.errors import DuplicateRequestError
 from glmserve.engine.core.outputs import RequestOutput
 from glmserve.engine.core.request import Request
+from glmserve.engine.core.request_validator import RequestLimits, validate_request
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.core.scheduler import Scheduler
+from glmserve.engine.distributed.tp_executor import TensorParallelExecutor
+from glmserve.engine.model.loader import ModelSource, resolve_dtype, resolve_model_source
+from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
+from glmserve.engine.runtime.output_processor import OutputProcessor, TokenEvent
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
+from glmserve.engine.worker.cuda_graph import CudaGraphCapture
+from glmserve.engine.worker.executor import LocalExecutor
+from glmserve.engine.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024 ** 3
 
 
-@dataclass
-class EngineStats:
-    num_total_blocks: int
-    num_free_blocks: int
-    num_running: int
-    num_waiting: int
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    kv_cache_usage: float
+def make_executor(config: EngineConfig) -> LocalExecutor:
+    return TensorParallelExecutor(config) if config.tensor_parallel_size > 1 else LocalExecutor(config)
 
 
-class Engine:
-    def __init__(self, config: EngineConfig):
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: LocalExecutor | None = None):
         self.config = config
         source = resolve_model_source(config.model, config.load_format, config.tokenizer)
+        self.source = source
         self.model_name = source.name
         self.model_config = source.config
         self.tokenizer = ChatGLMTokenizer.from_file(source.tokenizer_path)
@@ -48,24 +51,28 @@ class Engine:
         self.max_model_len = config.scheduler.max_model_len or source.config.seq_length
         self._check_settings(source)        # before the (possibly minutes-long) model load
         self.dtype = resolve_dtype(config.dtype, self.device)
-        torch.manual_seed(config.seed)
-        model = self._load_model(source)
-        block_size = config.cache.block_size
-        self.num_blocks = self._num_kv_blocks(model)
-        self.runner = self._make_runner(model, num_blocks=self.num_blocks, block_size=block_size,
-                                        max_model_len=self.max_model_len, vocab_size=self.tokenizer.vocab_size,
-                                        eos_token_id=self.tokenizer.eos_token_id,
-                                        attention_backend=config.attention_backend)
+        self.executor = executor or make_executor(config)
+        try:
+            model = self.executor.load_model(source, self.device, self.dtype)
+            block_size = config.cache.block_size
+            self.num_blocks = self._num_kv_blocks(model)
+            self.runner = self.executor.make_runner(
+                model, num_blocks=self.num_blocks, block_size=block_size, max_model_len=self.max_model_len,
+                vocab_size=self.tokenizer.vocab_size, eos_token_id=self.tokenizer.eos_token_id,
+                attention_backend=config.attention_backend)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         if config.cuda_graphs:
-            from glmserve.engine.worker.cuda_graph import CudaGraphCapture
             self.runner.enable_decode_graphs(CudaGraphCapture(self.device), config.scheduler.max_num_seqs)
+        self.limits = RequestLimits(self.tokenizer.vocab_size, self.max_model_len, self.num_blocks, block_size)
         self.block_manager = BlockManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
                                    self.tokenizer.eos_token_id)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._aborted: list[Request] = []
         self.last_step_num_tokens = 0      # tokens computed by the latest step (a metrics histogram reads it)
-        self._children: dict[str, list[str]] = {}
+        self._samples: dict[str, list[Request]] = {}   # request id -> its n sample requests, while in flight
 
     def _check_settings(self, source: ModelSource) -> None:
         config, model_config = self.config, source.config
@@ -83,15 +90,9 @@ class Engine:
                               f"({config.scheduler.max_num_batched_tokens}) must be at least max_model_len "
                               f"({self.max_model_len})")
 
-    # ---- model and runner (a tensor-parallel engine overrides these two) ---------------------------------------
-    def _load_model(self, source: ModelSource) -> GLMForCausalLM:
-        return load_model(source, self.device, self.dtype, self.config.seed)
-
-    def _make_runner(self, model: GLMForCausalLM, **runner_args) -> ModelRunner:
-        return ModelRunner(model, **runner_args)
-
     def shutdown(self) -> None:
-        """Release what outlives the engine object (a tensor-parallel engine's worker processes)."""
+        """Release what outlives the engine object (a tensor-parallel executor's worker processes)."""
+        self.executor.shutdown()
 
     # ---- sizing -----------------------------------------------------------------------------------------------
     def _num_kv_blocks(self, model) -> int:
@@ -114,76 +115,55 @@ class Engine:
 
     def _profile_cuda_blocks(self, model, per_block: int) -> int:
         """Blocks that fit in ``gpu_memory_utilization`` of the card after weights and one full-size forward."""
-        from glmserve.engine.worker.profiling import peak_forward_memory
-        peak = peak_forward_memory(model, self.config.scheduler.max_num_batched_tokens, self.config.cache.block_size,
-                                   self.config.attention_backend)
         total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = int(total * self.config.cache.gpu_memory_utilization) - peak
+        budget = int(total * self.config.cache.gpu_memory_utilization) - self.executor.peak_forward_memory(model)
         return max(0, budget // per_block)
 
-    # ---- requests ---------------------------------------------------------------------------------------------
-    def validate_request(self, prompt_token_ids, params: SamplingParams, *,
-                         chat: bool = False) -> tuple[list[int], SamplingParams]:
-        """Check a request without queuing it; returns its prompt and the params it will run with.
+    # ---- what frontends need to know ---------------------------------------------------------------------------
+    def info(self) -> EngineInfo:
+        return EngineInfo(model_name=self.model_name, tokenizer_path=str(self.source.tokenizer_path),
+                          max_model_len=self.max_model_len, vocab_size=self.tokenizer.vocab_size,
+                          block_size=self.config.cache.block_size, num_kv_blocks=self.num_blocks,
+                          dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+                          enable_prefix_caching=self.config.cache.enable_prefix_caching)
 
-        Reads only settings fixed at start-up, so a server may call it from its own thread. Raises RequestError /
-        SamplingParamsError (both ValueError, naming the field).
-        """
-        prompt = self._validate_prompt(prompt_token_ids)
-        params.validate(vocab_size=self.tokenizer.vocab_size, max_model_len=self.max_model_len,
-                        prompt_len=len(prompt))
-        changes: dict = {}
-        if params.max_tokens is None:
-            changes["max_tokens"] = self.max_model_len - len(prompt)
-        if chat:   # ChatGLM3 replies end with eos, <|user|> or <|observation|>
-            extra = [t for t in self.tokenizer.chat_stop_token_ids if t not in params.stop_token_ids]
-            changes["stop_token_ids"] = list(params.stop_token_ids) + extra
-        params = params.clone(**changes) if changes else params
-        needed = self.block_manager.blocks_needed(len(prompt) + params.max_tokens)
-        if needed > self.num_blocks:
-            raise RequestError("max_tokens", f"the request needs {needed} KV blocks for prompt + max_tokens = "
-                               f"{len(prompt) + params.max_tokens} tokens, but the cache has {self.num_blocks}")
-        return prompt, params
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_preemptions=self.scheduler.stats.num_preemptions, prefix_cache_queries=bm.stats.queries,
+            prefix_cache_hits=bm.stats.hits, kv_cache_usage=bm.usage)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def validate_request(self, prompt_token_ids, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """The prompt and the params a request will run with; raises RequestError / SamplingParamsError."""
+        return validate_request(prompt_token_ids, params, self.limits)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    priority: int = 0, chat: bool = False, arrival_time: float | None = None) -> None:
-        """Queue a request (``n`` > 1 becomes n child requests sharing the prompt's cached blocks).
-
-        Raises what ``validate_request`` raises, and DuplicateRequestError for an id already in flight.
-        """
-        if request_id in self._children or request_id in self.scheduler.requests:
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Queue a request; ``n`` > 1 becomes n sample requests under the same id, sharing the prompt's cached
+        blocks. Raises what ``validate_request`` raises, and DuplicateRequestError for an id already in flight."""
+        if request_id in self._samples:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
-        prompt, params = self.validate_request(prompt_token_ids, params, chat=chat)
+        prompt, params = self.validate_request(prompt_token_ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        for index, child_id in enumerate(ids):
-            child_params = params if params.n == 1 else params.clone(
+        samples = []
+        for index in range(params.n):
+            sample_params = params if params.n == 1 else params.clone(
                 n=1, seed=None if params.seed is None else params.seed + index)
-            request = Request(child_id, prompt, child_params, priority=priority, arrival_time=arrival, index=index,
-                              parent_id=None if params.n == 1 else request_id)
-            self.output_processor.add(request, strip_reply_prefix=chat)
+            samples.append(Request(request_id, prompt, sample_params, priority=priority, arrival_time=arrival,
+                                   index=index))
+        for request in samples:
+            self.output_processor.add(request)
             self.scheduler.add(request)
-        self._children[request_id] = ids
-
-    def _validate_prompt(self, prompt_token_ids) -> list[int]:
-        prompt = [int(t) for t in prompt_token_ids]
-        if not prompt:
-            raise RequestError("prompt", "the prompt is empty")
-        bad = next((t for t in prompt if not 0 <= t < self.tokenizer.vocab_size), None)
-        if bad is not None:
-            raise RequestError("prompt_token_ids", f"token id {bad} is outside the vocabulary "
-                               f"[0, {self.tokenizer.vocab_size})")
-        if len(prompt) >= self.max_model_len:
-            raise RequestError("prompt", f"the prompt has {len(prompt)} tokens; max_model_len is "
-                               f"{self.max_model_len} and at least one token must be generated")
-        return prompt
+        self._samples[request_id] = samples
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request (all of its n samples); its blocks are freed at once. False if unknown."""
         found = False
-        for child_id in self._children.get(request_id, [request_id]):
-            request = self.scheduler.abort(child_id)
-            if request is not None:
+        for request in self._samples.get(request_id, ()):
+            if self.scheduler.abort(request.key) is not None:
                 self._aborted.append(request)
                 found = True
         return found
@@ -191,14 +171,18 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 
+    def in_flight_request_ids(self) -> list[str]:
+        return list(self._samples)
+
     # ---- the step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.executor.check()
         outputs = [self.output_processor.finished_output(r) for r in self._aborted]
         self._aborted.clear()
         batch = self.scheduler.schedule()
         self.last_step_num_tokens = batch.total_tokens
         if len(batch):
-            tables = [self.block_manager.block_ids(r.request_id) for r in batch.requests]
+            tables = [self.block_manager.block_ids(r) for r in batch.requests]
             result = self.runner.execute(batch, tables)
             new_tokens = self.scheduler.update(batch, result.token_ids)
             position = {id(r): i for i, r in enumerate(batch.requests)}
@@ -207,18 +191,21 @@ class Engine:
             outputs += self.output_processor.process(events, self.scheduler.finish)
         for out in outputs:
             if out.finished:
-                self._forget_child(out)
+                self._forget_if_done(out.request_id)
         return outputs
 
-    def _forget_child(self, out: RequestOutput) -> None:
-        ids = self._children.get(out.request_id)
-        if ids is not None and not any(i in self.scheduler.requests for i in ids):
-            del self._children[out.request_id]
+    def warm_up(self) -> None:
+        """One short request through the whole path, before a server reports that it is ready."""
+        self.add_request("__warmup__", self.tokenizer.encode("warm up"), SamplingParams(max_tokens=2, temperature=0.0))
+        for _ in self.step_until_idle():
+            pass
 
-    def stats(self) -> dict:
-        bm = self.block_manager
-        return vars(EngineStats(
-            num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
-            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-            num_preemptions=self.scheduler.stats.num_preemptions, prefix_cache_queries=bm.stats.queries,
-            prefix_cache_hits=bm.stats.hits, kv_cache_usage=bm.usage))
+    def step_until_idle(self) -> Iterator[RequestOutput]:
+        """Step until nothing is left to run, yielding every delta."""
+        while self.has_unfinished_requests():
+            yield from self.step()
+
+    def _forget_if_done(self, request_id: str) -> None:
+        samples = self._samples.get(request_id)
+        if samples is not None and all(r.is_finished for r in samples):
+            del self._samples[request_id]

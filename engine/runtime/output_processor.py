@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from glmserve.engine.text.detokenizer import IncrementalDetokenizer
 from glmserve.engine.core.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from glmserve.engine.core.request import FinishReason, Request
+from glmserve.engine.core.request import FinishReason, Request, RequestKey
 from glmserve.engine.text.stop_strings import StopStringMatcher
 
 
@@ -28,12 +28,13 @@ class TokenEvent:
 class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self._states: dict[str, _TextState] = {}
+        self._states: dict[RequestKey, _TextState] = {}
 
-    def add(self, request: Request, strip_reply_prefix: bool) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=request.params.skip_special_tokens,
-                                       strip_reply_prefix=strip_reply_prefix)
-        self._states[request.request_id] = _TextState(detok, StopStringMatcher(request.params.stop))
+    def add(self, request: Request) -> None:
+        params = request.params
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens,
+                                       strip_reply_prefix=params.strip_reply_prefix)
+        self._states[request.key] = _TextState(detok, StopStringMatcher(params.stop))
 
     def process(self, events: list[TokenEvent], finish) -> list[RequestOutput]:
         """Detokenize each event; a matched stop string finishes its request through ``finish(request, reason,
@@ -41,7 +42,7 @@ class OutputProcessor:
         outputs = []
         for event in events:
             request = event.request
-            state = self._states[request.request_id]
+            state = self._states[request.key]
             text, stopped = state.stops.feed(state.detokenizer.add(event.token_id))
             if stopped and not request.is_finished:
                 finish(request, FinishReason.STOP, state.stops.matched)
@@ -54,7 +55,7 @@ class OutputProcessor:
 
     def _delta(self, request: Request, token_ids: list[int], text: str, event: TokenEvent | None) -> RequestOutput:
         if request.is_finished:
-            state = self._states.pop(request.request_id, None)
+            state = self._states.pop(request.key, None)
             if state is not None and not state.stops.stopped:
                 tail, _ = state.stops.feed(state.detokenizer.flush())
                 text += tail + state.stops.flush()
@@ -67,5 +68,5 @@ class OutputProcessor:
             top_logprobs=[event.top_logprobs] if want_logprobs else None)
         t = request.times
         metrics = RequestMetrics(t.arrival, t.first_scheduled, t.first_token, t.finished)
-        return RequestOutput(request.parent_id or request.request_id, request.prompt_token_ids, [completion],
+        return RequestOutput(request.request_id, request.prompt_token_ids, [completion],
                              request.is_finished, request.num_cached_tokens, metrics)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.config.model_config import ModelConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -11,7 +11,7 @@ import torch
 
 from glmserve.engine.attention.backends import make_attention_backend
 from glmserve.engine.attention.metadata import AttentionMetadata
-from glmserve.engine.config.engine_config import ModelConfig
+from glmserve.engine.config.model_config import ModelConfig
 from glmserve.engine.worker.cuda_graph import DecodeGraphs, GraphCapture
 from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.model.glm import GLMForCausalLM

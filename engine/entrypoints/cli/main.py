@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from glmserve.engine.config.engine_config import MODEL_PRESETS, preset_names
-from glmserve.engine.config.engine_args import add_engine_arguments, engine_config_from_args
+from glmserve.engine.config.model_config import MODEL_PRESETS, preset_names
+from glmserve.engine.config.options import add_engine_arguments, engine_config_from_args
 
 EXIT_USAGE = 2
 
@@ -118,28 +118,33 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    from glmserve.engine.text.chat_format import build_chat_prompt
-    from glmserve.engine.entrypoints.llm import build_engine, merge_delta
-    from glmserve.engine.core.outputs import CompletionOutput, RequestOutput
+    from glmserve.engine.core.outputs import RequestOutput
     from glmserve.engine.core.sampling_params import SamplingParams
+    from glmserve.engine.entrypoints.chat import ChatTemplate
+    from glmserve.engine.runtime.engine_core import EngineCore
     chat_messages = _read_chat(args.chat) if args.chat else None
-    engine = build_engine(engine_config_from_args(args))
-    if chat_messages is not None:
-        prompt = build_chat_prompt(engine.tokenizer, chat_messages)
-    elif args.prompt is not None:
-        prompt = engine.tokenizer.encode(args.prompt)
-    else:
-        prompt = _parse_ids(args.prompt_token_ids)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, ignore_eos=args.ignore_eos)
-    engine.add_request("cli", prompt, params, chat=chat_messages is not None)
-    result = RequestOutput("cli", prompt, [CompletionOutput(0)], False)
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
+    engine = EngineCore(engine_config_from_args(args))
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, ignore_eos=args.ignore_eos)
+        chat = ChatTemplate(engine.tokenizer)
+        if chat_messages is not None:
+            prompt, params = chat.prompt(chat_messages), chat.sampling_params(params)
+        elif args.prompt is not None:
+            prompt = engine.tokenizer.encode(args.prompt)
+        else:
+            prompt = _parse_ids(args.prompt_token_ids)
+        engine.add_request("cli", prompt, params)
+        result = RequestOutput.empty("cli", prompt, 1)
+        for delta in engine.step_until_idle():
             if not args.json:
                 print(delta.outputs[0].text, end="", flush=True)
-            merge_delta(result, delta)
+            result.merge(delta)
+    finally:
+        engine.shutdown()
     out = result.outputs[0]
+    if chat_messages is not None:
+        chat.finish(out)
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason},
                          ensure_ascii=False))

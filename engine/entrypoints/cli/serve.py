@@ -3,6 +3,7 @@
 Prints machine-readable lifecycle lines on stdout (tests and scripts wait for them)::
 
     glmserve: serving on HOST:PORT metrics on PORT     (bound; health NOT_SERVING while the model loads)
+    glmserve: engine core pid PID                      (the engine core's own process, loading the model)
     glmserve: ready                                    (health SERVING)
     glmserve: drained N in-flight requests, exiting    (after SIGTERM/SIGINT; exit code 0)
 
@@ -19,7 +20,7 @@ import os
 import signal
 import sys
 
-from glmserve.engine.config.engine_args import add_engine_arguments, engine_config_from_args
+from glmserve.engine.config.options import add_engine_arguments, engine_config_from_args
 
 API_KEY_ENV = "GLMSERVE_API_KEY"
 
@@ -68,8 +69,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def serve(config, options) -> int:
-    from glmserve.engine.entrypoints.llm import build_engine
     from glmserve.engine.entrypoints.grpc.server import GenerationServer
+    from glmserve.engine.runtime.core_client import ProcessEngineCore
     server = GenerationServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -79,10 +80,13 @@ async def serve(config, options) -> int:
         await server.start()
         metrics = "off" if server.metrics_port is None else str(server.metrics_port)
         print(f"glmserve: serving on {options.host}:{server.port} metrics on {metrics}", flush=True)
-        load = asyncio.ensure_future(server.load(lambda: build_engine(config)))
+        engine_core = ProcessEngineCore(config)    # loads the model in its own process
+        print(f"glmserve: engine core pid {engine_core.pid}", flush=True)
+        load = asyncio.ensure_future(server.load(engine_core.wait_ready))
         signalled = asyncio.ensure_future(stop.wait())
         await asyncio.wait([load, signalled], return_when=asyncio.FIRST_COMPLETED)
-        if not load.done():   # a signal during start-up: the loading thread cannot be interrupted; just leave
+        if not load.done():   # a signal during start-up: stop the engine core where it is, and leave
+            engine_core.shutdown()
             load.cancel()
             print("glmserve: stopped while loading, exiting", flush=True)
             return 0

@@ -10,9 +10,9 @@ import asyncio
 
 import grpc
 
-from glmserve.engine.runtime.async_engine import EngineStepError, QueueFullError
+from glmserve.engine.core.errors import (DuplicateRequestError, EngineDeadError, EngineStepError, QueueFullError,
+                                         RequestError)
 from glmserve.engine.text.chat_format import ChatFormatError
-from glmserve.engine.core.errors import DuplicateRequestError, EngineDeadError, RequestError
 from glmserve.engine.core.sampling_params import SamplingParamsError
 from glmserve.engine.text.tokenizer import TokenizerError
 

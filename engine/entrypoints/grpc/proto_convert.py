@@ -6,19 +6,19 @@ status mapping in ``grpc_errors`` applies.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
 from dataclasses import dataclass
 
 from glmserve.proto import generation_pb2 as pb
 
-from glmserve.engine.text.chat_format import ChatFormatError, ChatMessage, build_chat_prompt
 from glmserve.engine.core.errors import RequestError
 from glmserve.engine.core.outputs import CompletionOutput, RequestMetrics
 from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.entrypoints.chat import ChatTemplate
+from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
+from glmserve.engine.text.chat_format import ChatFormatError, ChatMessage
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
-from glmserve.engine.text.tool_call import ToolCall
 
 # Sampling fields that are proto3 `optional`: copied only when the client set them, so absent ones keep the
 # SamplingParams defaults.
@@ -40,22 +40,20 @@ class EngineRequest:
 
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams              # a chat's already carry its stop ids and reply-prefix stripping
     stream: bool
     priority: int
-    chat: bool
+    chat: bool                          # read its finished samples as chat replies (tool calls)
 
 
 @dataclass
 class SampleEnd:
-    """What a sample's last response carries besides its text."""
+    """What a sample's last response carries besides its text: from the sample's whole result."""
 
-    finish_reason: str                  # the engine's reason, or "tool_call" for a parsed tool call
+    result: CompletionOutput            # the whole sample: finish reason, token count, tool call
     prompt_tokens: int
-    completion_tokens: int
     cached_tokens: int
     metrics: RequestMetrics | None
-    tool_call: ToolCall | None = None
 
 
 # ---- requests in ----------------------------------------------------------------------------------------------
@@ -70,8 +68,6 @@ def request_id_from_proto(request_id: str) -> str:
         return uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise RequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
-    if "#" in request_id:  # the engine names the samples of an n > 1 request "<id>#<index>"
-        raise RequestError("request_id", "must not contain '#'")
     return request_id
 
 
@@ -89,15 +85,14 @@ def generate_request_from_proto(msg: pb.GenerateRequest, tokenizer: ChatGLMToken
                          msg.stream, msg.priority, chat=False)
 
 
-def chat_request_from_proto(msg: pb.ChatRequest, tokenizer: ChatGLMTokenizer) -> EngineRequest:
-    tools = msg.tools if msg.HasField("tools") else None
-    prompt = build_chat_prompt(tokenizer, messages_from_proto(msg.messages, tools))
-    return EngineRequest(request_id_from_proto(msg.request_id), prompt, sampling_from_proto(msg.sampling),
-                         msg.stream, msg.priority, chat=True)
+def chat_request_from_proto(msg: pb.ChatRequest, template: ChatTemplate) -> EngineRequest:
+    prompt = template.prompt(messages_from_proto(msg.messages), tools_from_proto(msg))
+    return EngineRequest(request_id_from_proto(msg.request_id), prompt,
+                         template.sampling_params(sampling_from_proto(msg.sampling)), msg.stream, msg.priority,
+                         chat=True)
 
 
-def messages_from_proto(messages, tools_json: str | None) -> list[ChatMessage]:
-    """ChatGLM3 messages; the tools go on the first system message (an empty one is put first if none)."""
+def messages_from_proto(messages) -> list[ChatMessage]:
     if not messages:
         raise RequestError("messages", "a chat needs at least one message")
     result = []
@@ -106,14 +101,11 @@ def messages_from_proto(messages, tools_json: str | None) -> list[ChatMessage]:
             result.append(ChatMessage(m.role, m.content, m.metadata))
         except ChatFormatError as exc:
             raise RequestError(f"messages[{i}]", str(exc)) from None
-    if tools_json is None:
-        return result
-    tools = _parse_tools(tools_json)
-    first_system = next((i for i, m in enumerate(result) if m.role == "system"), None)
-    if first_system is None:
-        return [ChatMessage("system", "", tools=tools)] + result
-    result[first_system] = dataclasses.replace(result[first_system], tools=tools)
     return result
+
+
+def tools_from_proto(msg) -> list | dict | None:
+    return _parse_tools(msg.tools) if msg.HasField("tools") else None
 
 
 def _parse_tools(tools_json: str):
@@ -126,13 +118,12 @@ def _parse_tools(tools_json: str):
     return tools
 
 
-def tokenize_from_proto(msg: pb.TokenizeRequest, tokenizer: ChatGLMTokenizer) -> list[int]:
+def tokenize_from_proto(msg: pb.TokenizeRequest, template: ChatTemplate) -> list[int]:
     which = msg.WhichOneof("input")
     if which == "text":
-        return tokenizer.encode(msg.text)
+        return template.tokenizer.encode(msg.text)
     if which == "chat":
-        tools = msg.chat.tools if msg.chat.HasField("tools") else None
-        return build_chat_prompt(tokenizer, messages_from_proto(msg.chat.messages, tools))
+        return template.prompt(messages_from_proto(msg.chat.messages), tools_from_proto(msg.chat))
     raise RequestError("input", "set either text or chat")
 
 
@@ -145,15 +136,16 @@ def response_to_proto(request_id: str, sample: CompletionOutput, end: SampleEnd 
             for top_id, top_logprob in top or ():
                 entry.top.add(token_id=top_id, logprob=top_logprob)
     if end is not None:
-        msg.finish_reason = FINISH_REASONS[end.finish_reason]
+        result = end.result
+        msg.finish_reason = FINISH_REASONS[result.finish_reason]
         msg.usage.prompt_tokens = end.prompt_tokens
-        msg.usage.completion_tokens = end.completion_tokens
+        msg.usage.completion_tokens = len(result.token_ids)
         msg.usage.cached_tokens = end.cached_tokens
         if end.metrics is not None:
             _fill_timings(msg.timings, end.metrics)
-        if end.tool_call is not None:
-            msg.tool_call.name = end.tool_call.name
-            msg.tool_call.arguments_json = json.dumps(end.tool_call.arguments, ensure_ascii=False)
+        if result.tool_call is not None:
+            msg.tool_call.name = result.tool_call.name
+            msg.tool_call.arguments_json = json.dumps(result.tool_call.arguments, ensure_ascii=False)
     return msg
 
 
@@ -165,13 +157,11 @@ def _fill_timings(timings: pb.Timings, m: RequestMetrics) -> None:
     timings.total_time = since_arrival(m.finished_time)
 
 
-def model_info_to_proto(engine) -> pb.ModelInfo:
-    return pb.ModelInfo(model=engine.model_name, max_model_len=engine.max_model_len,
-                        vocab_size=engine.tokenizer.vocab_size, block_size=engine.config.cache.block_size,
-                        dtype=str(engine.dtype).removeprefix("torch."), num_kv_blocks=engine.num_blocks)
+def model_info_to_proto(info: EngineInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(model=info.model_name, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                        block_size=info.block_size, dtype=info.dtype, num_kv_blocks=info.num_kv_blocks)
 
 
-def load_to_proto(stats: dict) -> pb.Load:
-    return pb.Load(num_running=stats["num_running"], num_waiting=stats["num_waiting"],
-                   kv_cache_usage=stats["kv_cache_usage"], num_free_blocks=stats["num_free_blocks"],
-                   num_total_blocks=stats["num_total_blocks"])
+def load_to_proto(stats: EngineStats) -> pb.Load:
+    return pb.Load(num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=stats.kv_cache_usage,
+                   num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_total_blocks)

@@ -1,9 +1,10 @@
-"""The gRPC server's lifecycle: listen, load the model, serve, drain, stop.
+"""The gRPC server's lifecycle: listen, start the engine core, serve, drain, stop.
 
 The port is bound before the model loads, so health checks see NOT_SERVING (overall "" and
 ``glmserve.v1.Generation``) until the weights are loaded and a warm-up request went through the whole path. A
 drain flips health to NOT_SERVING for good, refuses new Generate/Chat calls with UNAVAILABLE and waits for the
-in-flight ones before the server stops.
+in-flight ones before the server stops. If the engine core dies, health goes NOT_SERVING for good (so the
+liveness probe fails and the pod is restarted) and the calls in flight end with UNAVAILABLE.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from glmserve.proto import generation_pb2 as pb
 from glmserve.proto import generation_pb2_grpc as pb_grpc
 
 from glmserve.engine.runtime.async_engine import AsyncEngine
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.core_client import EngineCoreClient
 from glmserve.engine.entrypoints.metrics import ServerMetrics
 from glmserve.engine.entrypoints.grpc.auth import ApiKeyInterceptor
 from glmserve.engine.entrypoints.grpc.servicer import GenerationServicer
@@ -88,7 +89,7 @@ class GenerationServer:
         self.options = options
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
-        self.servicer = GenerationServicer(self.metrics, self._engine_died)
+        self.servicer = GenerationServicer(self.metrics)
         self.async_engine: AsyncEngine | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -125,19 +126,20 @@ class GenerationServer:
         if opts.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(opts.host, opts.metrics_port)
 
-    async def load(self, make_engine: Callable[[], Engine]) -> None:
-        """Build the engine and warm it up on worker threads (health checks keep being answered), then serve."""
+    async def load(self, start_engine_core: Callable[[], EngineCoreClient]) -> None:
+        """Start the engine core (it loads the model and warms up) on a worker thread, so health checks keep being
+        answered, then serve."""
         loop = asyncio.get_running_loop()
-        engine = await loop.run_in_executor(None, make_engine)
-        async_engine = AsyncEngine(engine, self.options.max_waiting_requests)
+        client = await loop.run_in_executor(None, start_engine_core)
+        async_engine = AsyncEngine(client, self.options.max_waiting_requests)
         self.async_engine = async_engine
-        await loop.run_in_executor(None, async_engine.run_warmup)
-        self.metrics.describe_engine(engine)
+        info = async_engine.info
+        self.metrics.describe_engine(info, async_engine.stats())
         async_engine.step_listeners.append(self.metrics.on_step)
+        async_engine.death_listeners.append(lambda why: loop.call_soon_threadsafe(self._engine_died))
         self.servicer.set_engine(async_engine)
         await self._set_health(SERVING)
-        log.info("model %s ready: %d KV blocks of %d tokens", engine.model_name, engine.num_blocks,
-                 engine.config.cache.block_size)
+        log.info("model %s ready: %d KV blocks of %d tokens", info.model_name, info.num_kv_blocks, info.block_size)
 
     async def drain(self, timeout: float | None = None) -> tuple[int, bool]:
         """Stop taking new requests and wait up to ``timeout`` seconds (default: the drain timeout) for the
@@ -163,6 +165,7 @@ class GenerationServer:
             await self.health.set(service, status)
 
     def _engine_died(self) -> None:
+        """On the server's loop: the engine core cannot serve any more."""
         if self._dead_reported is None:
-            log.error("the engine cannot recover from a failed step; reporting NOT_SERVING")
+            log.error("the engine core is gone; reporting NOT_SERVING")
             self._dead_reported = asyncio.get_running_loop().create_task(self._set_health(NOT_SERVING))

@@ -8,20 +8,21 @@ import asyncio
 import threading
 from typing import Callable
 
-from glmserve.engine.runtime.engine_core import Engine
 from glmserve.engine.entrypoints.grpc.server import GenerationServer, ServerOptions
+from glmserve.engine.runtime.core_client import EngineCoreClient
 
 
 class ServerThread:
-    def __init__(self, options: ServerOptions, make_engine: Callable[[], Engine], wait_loaded: bool = True):
-        """Bind and start serving; the engine is built and warmed up on the server's loop (``loaded`` is that
-        future: wait on it when ``wait_loaded`` is False)."""
+    def __init__(self, options: ServerOptions, start_engine_core: Callable[[], EngineCoreClient],
+                 wait_loaded: bool = True):
+        """Bind and start serving; the engine core is started (and warmed up) from the server's loop (``loaded`` is
+        that future: wait on it when ``wait_loaded`` is False)."""
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="glmserve-grpc", daemon=True)
         self._thread.start()
         self.server = GenerationServer(options)
         self.run(self.server.start())
-        self.loaded = asyncio.run_coroutine_threadsafe(self.server.load(make_engine), self.loop)
+        self.loaded = asyncio.run_coroutine_threadsafe(self.server.load(start_engine_core), self.loop)
         if wait_loaded:
             self.loaded.result()
 

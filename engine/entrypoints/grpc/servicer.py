@@ -11,21 +11,20 @@ import asyncio
 import contextlib
 import functools
 import logging
-from typing import Callable
 
 import grpc
 
 from glmserve.proto import generation_pb2 as pb
 from glmserve.proto import generation_pb2_grpc as pb_grpc
 
+from glmserve.engine.core.errors import EngineStepError
+from glmserve.engine.core.outputs import RequestOutput
+from glmserve.engine.entrypoints.chat import ChatTemplate
 from glmserve.engine.entrypoints.grpc import proto_convert as convert
-from glmserve.engine.runtime.async_engine import AsyncEngine, EngineStepError
 from glmserve.engine.entrypoints.grpc.deadline import Deadline
 from glmserve.engine.entrypoints.grpc.errors import ServiceUnavailable, status_for
-from glmserve.engine.entrypoints.llm import merge_delta
 from glmserve.engine.entrypoints.metrics import ServerMetrics
-from glmserve.engine.core.outputs import CompletionOutput, RequestOutput
-from glmserve.engine.text.tool_call import ToolCallParseError, parse_tool_call
+from glmserve.engine.runtime.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ def _rpc(*, tracked: bool = False):
                 code, message = status_for(exc)
                 if code is grpc.StatusCode.INTERNAL:
                     log.error("%s failed: %s", name, message, exc_info=not isinstance(exc, EngineStepError))
-                    self._check_engine_alive()
                 await context.abort(code, message)
             finally:
                 self._metrics.grpc_request(name, code.name)
@@ -60,10 +58,10 @@ def _rpc(*, tracked: bool = False):
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, metrics: ServerMetrics, on_engine_dead: Callable[[], None]):
+    def __init__(self, metrics: ServerMetrics):
         self._metrics = metrics
-        self._on_engine_dead = on_engine_dead
         self._engine: AsyncEngine | None = None
+        self._chat: ChatTemplate | None = None
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -71,6 +69,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     # ---- lifecycle (called by the server) -------------------------------------------------------------------
     def set_engine(self, engine: AsyncEngine) -> None:
+        self._chat = ChatTemplate(engine.tokenizer)
         self._engine = engine
 
     def start_draining(self) -> int:
@@ -102,25 +101,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise ServiceUnavailable("the server is shutting down and takes no new requests")
         return self._engine
 
-    def _check_engine_alive(self) -> None:
-        if self._engine is not None and self._engine.is_dead:
-            self._on_engine_dead()
-
     # ---- handlers -------------------------------------------------------------------------------------------
     @_rpc(tracked=True)
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
         engine = self._ready(new_work=True)
-        await self._run(engine, convert.generate_request_from_proto(request, engine.engine.tokenizer), context)
+        await self._run(engine, convert.generate_request_from_proto(request, engine.tokenizer), context)
 
     @_rpc(tracked=True)
     async def Chat(self, request: pb.ChatRequest, context) -> None:
         engine = self._ready(new_work=True)
-        await self._run(engine, convert.chat_request_from_proto(request, engine.engine.tokenizer), context)
+        await self._run(engine, convert.chat_request_from_proto(request, self._chat), context)
 
     @_rpc()
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        engine = self._ready()
-        return pb.TokenizeResponse(token_ids=convert.tokenize_from_proto(request, engine.engine.tokenizer))
+        self._ready()
+        return pb.TokenizeResponse(token_ids=convert.tokenize_from_proto(request, self._chat))
 
     @_rpc()
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
@@ -129,7 +124,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     @_rpc()
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
-        return convert.model_info_to_proto(self._ready().engine)
+        return convert.model_info_to_proto(self._ready().info)
 
     @_rpc()
     async def GetLoad(self, request, context) -> pb.Load:
@@ -137,37 +132,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     # ---- one request --------------------------------------------------------------------------------------
     async def _run(self, engine: AsyncEngine, req: convert.EngineRequest, context) -> None:
-        observation_id = engine.engine.tokenizer.special_token_ids["<|observation|>"] if req.chat else None
         async with Deadline(context.time_remaining()):
-            stream = await engine.generate(req.request_id, req.prompt_token_ids, req.params, chat=req.chat,
-                                           priority=req.priority)
-            total = RequestOutput(req.request_id, req.prompt_token_ids,
-                                  [CompletionOutput(i) for i in range(req.params.n)], False)
+            stream = await engine.generate(req.request_id, req.prompt_token_ids, req.params, priority=req.priority)
+            total = RequestOutput.empty(req.request_id, req.prompt_token_ids, req.params.n)
             ends: dict[int, convert.SampleEnd] = {}
             async with contextlib.aclosing(stream):
                 async for delta in stream:
-                    merge_delta(total, delta)
+                    total.merge(delta)
                     for sample in delta.outputs:
                         end = None
                         if sample.finished:
-                            end = ends[sample.index] = _sample_end(total, delta, sample.index, observation_id)
+                            end = ends[sample.index] = self._sample_end(total, delta, sample.index, req.chat)
                         if req.stream:
                             await context.write(convert.response_to_proto(req.request_id, sample, end))
             if not req.stream:
                 for sample in total.outputs:
                     await context.write(convert.response_to_proto(req.request_id, sample, ends[sample.index]))
 
-
-def _sample_end(total: RequestOutput, delta: RequestOutput, index: int,
-                observation_id: int | None) -> convert.SampleEnd:
-    """The closing fields of a finished sample; a chat reply that stopped on <|observation|> and parses as a
-    tool call becomes a TOOL_CALL, one that does not parse stays a plain STOP with its text."""
-    sample = total.outputs[index]
-    reason, tool_call = sample.finish_reason, None
-    if observation_id is not None and reason == "stop" and sample.stop_reason == observation_id:
-        try:
-            tool_call, reason = parse_tool_call(sample.text), "tool_call"
-        except ToolCallParseError as exc:
-            log.info("request %s stopped on <|observation|> without a valid tool call: %s", total.request_id, exc)
-    return convert.SampleEnd(reason, len(total.prompt_token_ids), len(sample.token_ids), delta.num_cached_tokens,
-                             delta.metrics, tool_call)
+    def _sample_end(self, total: RequestOutput, delta: RequestOutput, index: int, chat: bool) -> convert.SampleEnd:
+        result = total.outputs[index]
+        if chat:
+            self._chat.finish(result, total.request_id)
+        return convert.SampleEnd(result, len(total.prompt_token_ids), delta.num_cached_tokens, delta.metrics)

@@ -1,10 +1,10 @@
-"""The tensor-parallel engine: rank 0 of N, in the server's own process.
+"""The tensor-parallel executor: rank 0 of N, in the engine core's process.
 
-The scheduler, block manager, sampler and output processing live only here, exactly as in the one-process
-``Engine``. What changes is below them: rank 0 holds its shard of the model, starts the worker ranks (which load
-the other shards), and each step sends the runner's flat batch to the workers before running its own shard in
-lockstep with theirs; the logits are gathered on rank 0 for sampling. With tensor_parallel_size 1 none of this
-exists: ``build_engine`` returns a plain ``Engine``.
+The scheduler, block manager, sampler and output processing live only in the engine core above it, exactly as
+with one process. What changes is below them: rank 0 holds its shard of the model, starts the worker ranks (which
+load the other shards), and each step sends the runner's flat batch to the workers before running its own shard
+in lockstep with theirs; the logits are gathered on rank 0 for sampling. With tensor_parallel_size 1 none of this
+exists: the engine core uses a ``LocalExecutor``.
 """
 from __future__ import annotations
 
@@ -12,26 +12,22 @@ import weakref
 
 import torch
 
-from glmserve.engine.config.engine_config import ConfigError, EngineConfig
-from glmserve.engine.runtime.engine_core import Engine
-from glmserve.engine.model.loader import ModelSource, load_model, resolve_model_source
-from glmserve.engine.model.glm import GLMForCausalLM
-from glmserve.engine.worker.model_runner import ModelInputs, ModelRunner
-from glmserve.engine.core.outputs import RequestOutput
+from glmserve.engine.config.engine_config import EngineConfig
+from glmserve.engine.config.errors import ConfigError
 from glmserve.engine.distributed.batch_transfer import pack_inputs
-from glmserve.engine.model.shard_layout import ShardLayout, validate_tensor_parallel
 from glmserve.engine.distributed.memory import RankMemory, measure_rank_memory
 from glmserve.engine.distributed.protocol import BuildRunner, ProfileForward, ReportMemory, WorkerReady
 from glmserve.engine.distributed.worker_pool import TensorParallelError, WorkerPool
+from glmserve.engine.model.glm import GLMForCausalLM
+from glmserve.engine.model.loader import ModelSource, load_model, resolve_model_source
+from glmserve.engine.model.shard_layout import ShardLayout, validate_tensor_parallel
+from glmserve.engine.worker.executor import LocalExecutor
+from glmserve.engine.worker.model_runner import ModelInputs, ModelRunner
 
 # How long start-up stages and collectives may wait for a rank before the engine fails instead of hanging.
 COLLECTIVE_TIMEOUT_S = 600.0
 
-__all__ = ["TensorParallelEngine", "TensorParallelError", "build_tensor_parallel_engine"]
-
-
-def build_tensor_parallel_engine(config: EngineConfig) -> "TensorParallelEngine":
-    return TensorParallelEngine(config)
+__all__ = ["TensorParallelExecutor", "TensorParallelError"]
 
 
 def _release(pool: WorkerPool, process_threads: int) -> None:
@@ -58,8 +54,9 @@ class DriverRunner(ModelRunner):
             raise self.pool.failure_for(exc) from exc
 
 
-class TensorParallelEngine(Engine):
+class TensorParallelExecutor(LocalExecutor):
     def __init__(self, config: EngineConfig):
+        super().__init__(config)
         n = config.tensor_parallel_size
         source = resolve_model_source(config.model, config.load_format, config.tokenizer)
         validate_tensor_parallel(source.config, n)
@@ -73,42 +70,34 @@ class TensorParallelEngine(Engine):
         self.pool = WorkerPool(config, COLLECTIVE_TIMEOUT_S, threads)
         if device.type == "cpu":
             torch.set_num_threads(threads)
-        # Workers stop with the engine: on shutdown(), when the engine is collected, or at interpreter exit.
+        # Workers stop with the executor: on shutdown(), when it is collected, or at interpreter exit.
         self._release = weakref.finalize(self, _release, self.pool, process_threads)
-        try:
-            super().__init__(config)
-        except BaseException:
-            self.shutdown()
-            raise
 
-    # ---- Engine hooks ------------------------------------------------------------------------------------------
-    def _load_model(self, source: ModelSource) -> GLMForCausalLM:
+    def load_model(self, source: ModelSource, device: torch.device, dtype: torch.dtype) -> GLMForCausalLM:
         group = self.pool.join_group()
         layout = ShardLayout(source.config, 0, self.config.tensor_parallel_size)
-        model = load_model(source, self.device, self.dtype, self.config.seed, layout, group)
+        model = load_model(source, device, dtype, self.config.seed, layout, group)
         self.pool.expect(WorkerReady)     # every worker has loaded its shard
         return model
 
-    def _profile_cuda_blocks(self, model, per_block: int) -> int:
+    def peak_forward_memory(self, model: GLMForCausalLM) -> int:
         # The profiling forward's collectives need every rank; rank 0's budget (it also holds the full-vocabulary
         # logits) sizes the cache of all of them.
         self.pool.send(ProfileForward(self.config.scheduler.max_num_batched_tokens, self.config.cache.block_size,
                                       self.config.attention_backend))
-        return super()._profile_cuda_blocks(model, per_block)
+        return super().peak_forward_memory(model)
 
-    def _make_runner(self, model: GLMForCausalLM, **runner_args) -> ModelRunner:
+    def make_runner(self, model: GLMForCausalLM, **runner_args) -> ModelRunner:
         self.pool.request(BuildRunner(runner_args))
         return DriverRunner(self.pool, model, **runner_args)
 
-    def step(self) -> list[RequestOutput]:
+    def check(self) -> None:
         self.pool.check()    # a lost rank fails every step, even one with nothing to run
-        return super().step()
 
     def shutdown(self) -> None:
         self._release()
 
-    # ---- inspection --------------------------------------------------------------------------------------------
-    def rank_memory(self) -> list[RankMemory]:
+    def rank_memory(self, runner: ModelRunner) -> list[RankMemory]:
         """Each rank's parameter, KV-cache and resident bytes, rank 0 first."""
-        own = measure_rank_memory(0, self.runner.model, self.runner.kv_caches)
+        own = measure_rank_memory(0, runner.model, runner.kv_caches)
         return [own, *self.pool.request(ReportMemory(), RankMemory)]

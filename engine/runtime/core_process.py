@@ -1,0 +1,56 @@
+"""The engine core's own process: build the engine, warm it up, then run the core loop over a pipe to the frontend.
+
+Started with ``spawn`` by ProcessEngineCore. It exits on Shutdown, or when the pipe closes because the frontend
+exited or died. Ctrl-C in a terminal reaches every process of the group; the frontend decides when this one stops.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+from multiprocessing.connection import Connection
+
+from glmserve.engine.config.engine_config import EngineConfig
+from glmserve.engine.runtime.core_loop import CoreLoop
+from glmserve.engine.runtime.engine_core import EngineCore
+from glmserve.engine.runtime.messages import Command, EngineFailed, EngineReady
+
+
+def run_engine_core_process(config: EngineConfig, conn: Connection, log_level: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)    # the frontend drains first, then sends Shutdown
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        core = EngineCore(config)
+        core.warm_up()
+    except BaseException as exc:  # noqa: BLE001 - the frontend reports it (a ConfigError is a user error)
+        conn.send(EngineFailed(f"the engine failed to start: {type(exc).__name__}: {exc}", error=_picklable(exc)))
+        return
+    try:
+        conn.send(EngineReady(core.info(), core.stats()))
+        CoreLoop(core, lambda timeout: _receive(conn, timeout), conn.send).run()
+    except (EOFError, OSError):
+        pass   # the frontend is gone: nothing left to serve
+    finally:
+        core.shutdown()
+        conn.close()
+    os._exit(0)   # nothing is left to release; skips seconds of interpreter teardown of torch
+
+
+def _receive(conn: Connection, timeout: float | None) -> list[Command]:
+    if not conn.poll(timeout):
+        return []
+    commands = [conn.recv()]
+    while conn.poll(0):
+        commands.append(conn.recv())
+    return commands
+
+
+def _picklable(exc: BaseException) -> BaseException | None:
+    """The exception itself when it survives pickling (ConfigError, CheckpointError...), else None."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return None

@@ -1,0 +1,85 @@
+"""What crosses between a frontend and its engine core (a thread of the same process, or a process of its own).
+
+Commands go to the engine core; events come back. One ``StepDone`` per engine step carries every request's delta
+of that step, so the number of messages grows with steps, not with tokens or streams.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glmserve.engine.core.outputs import RequestOutput
+from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
+
+
+# ---- commands (frontend -> engine core) ---------------------------------------------------------------------------
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: float | None = None
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+Command = AddRequest | AbortRequest | Shutdown
+
+
+# ---- events (engine core -> frontend) -----------------------------------------------------------------------------
+@dataclass
+class EngineReady:
+    """The model is loaded and warmed up."""
+
+    info: EngineInfo
+    stats: EngineStats            # the counters after the warm-up (cumulative metrics start from them)
+
+
+@dataclass
+class StepDone:
+    outputs: list[RequestOutput]
+    stats: EngineStats
+    num_step_tokens: int          # tokens computed by the step (prefill chunks plus decodes)
+    step_time: float              # time.monotonic() when the step finished (the clock is shared by processes)
+    adds_applied: int             # AddRequest commands taken so far (the frontend counts the ones still on the way)
+
+
+@dataclass
+class RequestFailed:
+    """An AddRequest the engine core refused (checked already by the frontend, so this is rare: a race)."""
+
+    request_id: str
+    error: BaseException
+    adds_applied: int
+
+
+@dataclass
+class StepFailed:
+    """A step raised: every request in flight was aborted and is failed with this; the engine goes on."""
+
+    request_ids: list[str]
+    message: str
+    adds_applied: int
+    stats: EngineStats | None = None
+
+
+@dataclass
+class EngineFailed:
+    """The engine core cannot go on: it failed to start (``error`` says why: a ConfigError, a CheckpointError...),
+    a failed step could not be cleaned up, or its process died."""
+
+    message: str
+    error: BaseException | None = None
+    failed_step: StepFailed | None = None    # the step whose failure could not be cleaned up, and its requests
+
+
+Event = EngineReady | StepDone | RequestFailed | StepFailed | EngineFailed
