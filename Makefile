@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench-offline proto gpu-check
+.PHONY: install test test-fast demo bench-offline proto gpu-check
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
@@ -13,6 +13,10 @@ install:
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but subprocess servers, tensor-parallel workers and Triton interpreter kernels: under 3 minutes on 2 cores.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not subprocess and not tensor_parallel and not interpreter" $(PYTEST_ARGS)
 
 demo: install
 	$(PYTHON) -m glmserve.bench.demo

@@ -1,9 +1,13 @@
 """``glmserve-bench frontend`` end to end on a small setting: both modes run, the table and the JSON come out."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from glmserve.bench import frontend
+
+pytestmark = pytest.mark.subprocess
 
 
 def test_frontend_benchmark_runs_both_modes(tmp_path, capsys):

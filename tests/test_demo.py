@@ -11,6 +11,8 @@ import pytest
 from glmserve.bench import demo
 from glmserve.bench.demo import ServerDied, ServerProcess
 
+pytestmark = pytest.mark.subprocess
+
 
 def free_port() -> int:
     with socket.socket() as s:

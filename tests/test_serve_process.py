@@ -2,6 +2,7 @@
 a drain that times out still exits 0; bad flags exit 2 with one line."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -14,6 +15,8 @@ from glmserve.engine.entrypoints.cli.main import main as cli_main
 from glmserve.engine.entrypoints.grpc.client import GenerationClient, collect
 
 from .server_fixtures import ServeProcess, eventually, parse_metrics
+
+pytestmark = pytest.mark.subprocess
 
 SERVICE = "glmserve.v1.Generation"
 
@@ -95,3 +98,25 @@ def test_port_in_use_exits_1(capsys):
         assert cli_main(["serve", "--model", "glm-tiny", "--host", "127.0.0.1", "--port", str(port),
                          "--metrics-port", "-1"]) == 1
     assert "cannot listen on" in capsys.readouterr().err
+
+
+def test_a_dead_engine_core_is_visible_not_hidden_behind_a_healthy_endpoint(serve_process):
+    """The engine core runs in its own process: killing it in the middle of a stream ends the stream with
+    UNAVAILABLE (no hang), turns health (the liveness probe's "") NOT_SERVING, and refuses new requests."""
+    proc = serve_process()
+    proc.wait_for_line("glmserve: ready")
+    with GenerationClient(proc.target) as c:
+        assert c.health() == "SERVING"
+        stream = c.generate("a long one", max_tokens=3000, ignore_eos=True, temperature=0.0)
+        assert next(stream).token_ids
+        os.kill(proc.engine_core_pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "engine core process" in err.value.details()
+        eventually(lambda: c.health() == "NOT_SERVING" and c.health(SERVICE) == "NOT_SERVING",
+                   what="health NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.generate("after", max_tokens=2))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert proc.proc.poll() is None     # the frontend stays up, answering health, until it is restarted

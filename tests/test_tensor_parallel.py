@@ -32,6 +32,8 @@ from glmserve.engine.text.tokenizer import embedded_tokenizer_path
 from .engine_helpers import random_prompts
 from .server_fixtures import MODEL, NUM_KV_BLOCKS, SEED, ServeProcess, eventually
 
+pytestmark = pytest.mark.tensor_parallel
+
 TINY = MODEL_PRESETS["glm-tiny"]
 # A small step budget splits the longer prompts into chunks: chunked prefill and decodes share steps.
 ENGINE_ARGS = dict(num_kv_blocks=256, max_num_batched_tokens=64, attention_backend="torch")

@@ -2,10 +2,14 @@
 bytes (plus the replicated norms), measured in the ranks' own processes. Bytes, not time."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from glmserve.bench import tp_memory
 from glmserve.engine.config.model_config import MODEL_PRESETS
+
+pytestmark = pytest.mark.tensor_parallel
 
 
 def test_tp_memory_reports_half_the_parameter_bytes_per_rank_at_n2(tmp_path, capsys):

@@ -12,7 +12,6 @@ plain single-process one: no collective is called.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,11 +21,9 @@ from glmserve.kernels.cpu.fused_ops import add_rms_norm, rotate_pairs_, silu_mul
 from glmserve.engine.attention.backends import AttentionBackend
 from glmserve.engine.config.model_config import ModelConfig
 from glmserve.engine.model.cpu_linear import Linear, pack_linears, packed_weight_bytes
+from glmserve.engine.model.collectives import Collectives
 from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.model.shard_layout import ShardLayout
-
-if TYPE_CHECKING:
-    from glmserve.engine.distributed.group import TensorParallelGroup
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +71,7 @@ class RotaryEmbedding:
 class SelfAttention(nn.Module):
     """``config`` holds this rank's heads and KV groups; ``group`` all-reduces the partial ``dense`` output."""
 
-    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None):
+    def __init__(self, config: ModelConfig, group: Collectives | None = None):
         super().__init__()
         self.group = group
         self.num_heads = config.num_attention_heads
@@ -106,7 +103,7 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None):
+    def __init__(self, config: ModelConfig, group: Collectives | None = None):
         super().__init__()
         self.group = group
         # FIRST half of the output is the gate (SiLU), the second half the up projection.
@@ -119,7 +116,7 @@ class MLP(nn.Module):
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None):
+    def __init__(self, config: ModelConfig, group: Collectives | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.self_attention = SelfAttention(config, group)
@@ -140,7 +137,7 @@ class Embedding(nn.Module):
     """The word embeddings: the whole table, or with a group (vocabulary-parallel) this rank's rows of it,
     [vocab_start, vocab_start + config.padded_vocab_size) of the checkpoint's."""
 
-    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None, vocab_start: int = 0):
+    def __init__(self, config: ModelConfig, group: Collectives | None = None, vocab_start: int = 0):
         super().__init__()
         self.group = group
         self.vocab_start = vocab_start
@@ -161,14 +158,14 @@ class Embedding(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None):
+    def __init__(self, config: ModelConfig, group: Collectives | None = None):
         super().__init__()
         self.layers = nn.ModuleList(GLMBlock(config, group) for _ in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None, vocab_start: int = 0):
+    def __init__(self, config: ModelConfig, group: Collectives | None = None, vocab_start: int = 0):
         super().__init__()
         self.embedding = Embedding(config, group, vocab_start)
         self.encoder = Encoder(config, group)
@@ -181,7 +178,7 @@ class GLMForCausalLM(nn.Module):
     what the KV cache and memory sizing need. ``group`` does the collectives; it is required when N > 1."""
 
     def __init__(self, config: ModelConfig, shard: ShardLayout | None = None,
-                 group: TensorParallelGroup | None = None):
+                 group: Collectives | None = None):
         super().__init__()
         self.shard = shard or ShardLayout(config)
         if (self.shard.world_size > 1) != (group is not None):

@@ -9,19 +9,17 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from glmserve.engine.config.model_config import MODEL_PRESETS, ModelConfig, preset_names
+from glmserve.engine.model.collectives import Collectives
 from glmserve.engine.model.glm import GLMForCausalLM
 from glmserve.engine.model.shard_layout import ShardLayout, TensorSlice
 from glmserve.engine.model.weights import (IGNORED_TENSOR_SUFFIXES, QUANTIZED_LINEARS, CheckpointError, ShardFile, find_weight_files,
                       quantized_storage_shape, scale_rows, take_slice, unpack_int4)
 
-if TYPE_CHECKING:
-    from glmserve.engine.distributed.group import TensorParallelGroup
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -93,7 +91,7 @@ def init_dummy_weights(model: GLMForCausalLM, seed: int) -> None:
 
 
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               shard: ShardLayout | None = None, group: TensorParallelGroup | None = None) -> GLMForCausalLM:
+               shard: ShardLayout | None = None, group: Collectives | None = None) -> GLMForCausalLM:
     """The model (or, with ``shard`` and ``group``, one tensor-parallel rank's share of it) with its weights.
     Only the rank's share is ever allocated."""
     with torch.device("meta"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,11 @@ def paged_kv():
 def check_close():
     """check_close(actual, expected): tolerance by the expected tensor's dtype."""
     return _assert_close
+
+
+def pytest_collection_modifyitems(items):
+    """Every test in this folder runs Triton kernels (in the interpreter on the CPU): left out of `make test-fast`."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.interpreter)
