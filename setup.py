@@ -50,6 +50,7 @@ setup(
     ] + GRPC,
     extras_require={
         "test": [
+            "import-linter>=2.1",
             "pytest>=7.4",
             "pytest-timeout>=2.2",
             "transformers>=4.46",

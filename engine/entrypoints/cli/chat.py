@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from glmserve.engine.entrypoints.cli.serve import API_KEY_ENV
+from glmserve.engine.entrypoints.cli.env import API_KEY_ENV
 
 WELCOME = "Chatting with {model} at {target}. Type 'clear' to start over, 'stop' to exit."
 

@@ -21,8 +21,8 @@ import signal
 import sys
 
 from glmserve.engine.config.options import add_engine_arguments, engine_config_from_args
+from glmserve.engine.entrypoints.cli.env import API_KEY_ENV
 
-API_KEY_ENV = "GLMSERVE_API_KEY"
 
 
 def add_serve_parser(sub) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterable, Iterator
 
 import grpc
@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from glmserve.proto import generation_pb2 as pb
 from glmserve.proto import generation_pb2_grpc as pb_grpc
 
+from glmserve.engine.core.outputs import CompletionOutput
 from glmserve.engine.text.chat_format import ChatMessage
 from glmserve.engine.text.tool_call import ToolCall
 
@@ -47,23 +48,19 @@ class Timings:
 
 
 @dataclass
-class Chunk:
-    """One response message: a delta when streaming, a sample's whole result otherwise."""
+class Chunk(CompletionOutput):
+    """One response message: a delta when streaming, a sample's whole result otherwise. A sample's output as the
+    engine gives it (index, text, token_ids, logprobs, finish_reason "stop" | "length" | "abort" | "tool_call",
+    tool_call), plus what the last message of a sample carries."""
 
-    request_id: str
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None                       # of each token in token_ids
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None     # "stop" | "length" | "abort" | "tool_call"; None until the last chunk
+    request_id: str = ""
     usage: Usage | None = None
     timings: Timings | None = None
-    tool_call: ToolCall | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+    def extend(self, delta: CompletionOutput) -> None:
+        super().extend(delta)
+        if isinstance(delta, Chunk) and delta.finished:
+            self.usage, self.timings = delta.usage, delta.timings
 
 
 @dataclass
@@ -85,29 +82,11 @@ class Load:
     num_total_blocks: int
 
 
-@dataclass
-class Completion:
-    """A sample's chunks put together (see :func:`collect`)."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    timings: Timings | None = None
-    tool_call: ToolCall | None = None
-
-
-def collect(chunks: Iterable[Chunk]) -> list[Completion]:
-    """The samples of a streamed (or unary) response, by index."""
-    samples: dict[int, Completion] = {}
+def collect(chunks: Iterable[Chunk]) -> list[Chunk]:
+    """The samples of a streamed (or unary) response, each put together into one Chunk, by index."""
+    samples: dict[int, Chunk] = {}
     for chunk in chunks:
-        sample = samples.setdefault(chunk.index, Completion(chunk.index))
-        sample.text += chunk.text
-        sample.token_ids += chunk.token_ids
-        if chunk.finished:
-            sample.finish_reason, sample.usage = chunk.finish_reason, chunk.usage
-            sample.timings, sample.tool_call = chunk.timings, chunk.tool_call
+        samples.setdefault(chunk.index, Chunk(chunk.index, request_id=chunk.request_id)).extend(chunk)
     return [samples[i] for i in sorted(samples)]
 
 
@@ -158,7 +137,7 @@ def _tokenize_request(text, messages, tools) -> pb.TokenizeRequest:
 
 
 def _chunk(msg: pb.GenerateResponse) -> Chunk:
-    chunk = Chunk(msg.request_id, msg.index, msg.text, list(msg.token_ids))
+    chunk = Chunk(msg.index, msg.text, list(msg.token_ids), request_id=msg.request_id)
     if msg.logprobs:
         chunk.logprobs = [e.logprob for e in msg.logprobs]
         chunk.top_logprobs = [[(t.token_id, t.logprob) for t in e.top] for e in msg.logprobs]
