@@ -7,9 +7,10 @@ import pytest
 
 from glmserve.bench.cli import main
 from glmserve.kernels.cpu import native as cpu_native
+from glmserve.kernels.cpu.availability import native_cpu_available
 
 
-@pytest.mark.skipif(not cpu_native.native_cpu_available(), reason="the native CPU kernels did not build here")
+@pytest.mark.skipif(not native_cpu_available(), reason="the native CPU kernels did not build here")
 def test_cpu_attention_benchmark_writes_every_point(tmp_path, capsys):
     out = tmp_path / "cpu_attention.json"
     assert main(["cpu-attention", "--batch", "5", "--context", "1:70", "--heads", "4/2x32,6/6x20",
@@ -25,7 +26,7 @@ def test_cpu_attention_benchmark_writes_every_point(tmp_path, capsys):
     assert "native ms" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not cpu_native.native_cpu_available(), reason="the native CPU kernels did not build here")
+@pytest.mark.skipif(not native_cpu_available(), reason="the native CPU kernels did not build here")
 def test_cpu_attention_benchmark_in_bfloat16(tmp_path):
     out = tmp_path / "cpu_attention_bf16.json"
     assert main(["cpu-attention", "--batch", "3", "--context", "1:40", "--heads", "4/2x32", "--prefill-lens", "9",
@@ -37,14 +38,7 @@ def test_cpu_attention_benchmark_in_bfloat16(tmp_path):
 
 def test_cpu_attention_benchmark_without_the_native_kernels_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
-    cpu_native.library.cache_clear()
-    cpu_native.native_cpu_available.cache_clear()
-    try:
-        assert main(["cpu-attention", "--batch", "2"]) == 2
-    finally:
-        monkeypatch.delenv(cpu_native.ENV_SWITCH)
-        cpu_native.library.cache_clear()
-        cpu_native.native_cpu_available.cache_clear()
+    assert main(["cpu-attention", "--batch", "2"]) == 2
     assert "native CPU kernels did not build" in capsys.readouterr().err
 
 

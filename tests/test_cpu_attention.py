@@ -1,13 +1,13 @@
-"""kernels/cpu_attention.py: the native paged decode attention and KV write against the torch reference."""
+"""kernels/cpu/attention.py: the native paged decode attention and KV write against the torch reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from glmserve.engine.attention import backends as attention
-from glmserve.engine.attention.backends import CpuAttentionBackend
+from glmserve.engine.attention import cpu_backend
+from glmserve.engine.attention.cpu_backend import CpuAttentionBackend
 from glmserve.kernels.cpu.attention import paged_decode_attention_cpu, paged_extend_attention_cpu, write_kv_cache_cpu
-from glmserve.kernels.cpu.native import native_cpu_available
+from glmserve.kernels.cpu.availability import checked_library, native_cpu_available
 from glmserve.kernels.reference.attention import paged_decode_attention_ref, paged_extend_attention_ref, write_kv_cache_ref
 
 pytestmark = pytest.mark.skipif(not native_cpu_available(),
@@ -157,13 +157,19 @@ def test_rowwise_extend_matches_reference(chunks, lens):
 
 def test_backend_sends_long_contexts_to_the_tiled_torch_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(attention, "ROWWISE_EXTEND_MAX_CONTEXT", 40)
-    monkeypatch.setattr(attention, "paged_extend_attention_cpu",
-                        lambda *a: calls.append("rowwise") or paged_extend_attention_cpu(*a))
-    backend = CpuAttentionBackend()
+    monkeypatch.setattr(cpu_backend, "ROWWISE_EXTEND_MAX_CONTEXT", 40)
+    monkeypatch.setattr(cpu_backend, "paged_extend_attention_cpu",
+                        lambda *a, **k: calls.append("rowwise") or paged_extend_attention_cpu(*a, **k))
+    backend = CpuAttentionBackend(checked_library())
+
+    def extend(case):
+        out = torch.empty_like(case[0])
+        backend.extend(*case, 0.125, max_query_len=16, max_seq_len=100, out=out)   # a longer decode elsewhere
+        return out
+
     short = _extend_case([5, 16], [5, 40])
     long = _extend_case([5, 16], [5, 41])
-    torch.testing.assert_close(backend.extend(*short, 0.125), paged_extend_attention_ref(*short, 0.125))
+    torch.testing.assert_close(extend(short), paged_extend_attention_ref(*short, 0.125))
     assert calls == ["rowwise"]
-    torch.testing.assert_close(backend.extend(*long, 0.125), paged_extend_attention_ref(*long, 0.125))
+    torch.testing.assert_close(extend(long), paged_extend_attention_ref(*long, 0.125))
     assert calls == ["rowwise"]                 # 41 tokens: SDPA's tiles

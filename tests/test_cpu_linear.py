@@ -1,6 +1,6 @@
-"""engine/cpu_linear.py: the oneDNN fp32 linears agree with a float64 reference, plain and packed; packed bf16
-weights give F.linear's bf16 results; packing drops the plain weight and unpacking restores it exactly; they fall
-back where they must (autograd, other dtypes)."""
+"""engine/model/cpu_linear.py: the oneDNN fp32 linears agree with a float64 reference, plain and packed; packed
+bf16 weights give F.linear's bf16 results; packing drops the plain weight and unpacking restores it exactly; they
+fall back where they must (autograd, other dtypes); a Linear is plain F.linear until bound to oneDNN."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from glmserve.engine.model import cpu_linear
-from glmserve.engine.model.cpu_linear import Linear, pack_linears
+from glmserve.engine.model.cpu_linear import Linear, bind_linears, pack_linears
 
 needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_linear_supported(),
                                   reason="this torch build has no working oneDNN linear; F.linear is used")
@@ -19,15 +19,16 @@ def _float64_reference(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.double(), layer.weight.double(), bias)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mode", ["F.linear", "oneDNN", "packed"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_matches_float64_reference(packed, bias, rows):
+def test_matches_float64_reference(mode, bias, rows):
     torch.manual_seed(rows)
     layer = Linear(96, 200, bias=bias)
     x = torch.randn(rows, 96)
     expected = _float64_reference(layer, x)
-    if packed:
+    layer.use_onednn = mode == "oneDNN" and cpu_linear.onednn_linear_supported()
+    if mode == "packed":
         assert layer.pack() is (cpu_linear.onednn_linear_supported())
     with torch.inference_mode():
         out = layer(x)
@@ -48,6 +49,9 @@ def onednn_calls(monkeypatch):
 def test_large_matmuls_run_onednn_small_ones_f_linear(onednn_calls):
     layer = Linear(512, 256)                        # 131072 multiply-adds per row
     with torch.inference_mode():
+        layer(torch.randn(64, 512))                 # not bound to oneDNN: F.linear at any size
+        assert onednn_calls == []
+        layer.use_onednn = True
         layer(torch.randn(32, 512))                 # 4.2 M: oneDNN
         assert onednn_calls == [1]
         layer(torch.randn(31, 512))                 # 4.06 M < 2**22: F.linear, oneDNN's fixed cost would not pay
@@ -123,11 +127,22 @@ def test_autograd_and_other_dtypes_use_f_linear():
 
 def test_switch_off_by_environment(monkeypatch):
     monkeypatch.setenv(cpu_linear.ENV_SWITCH, "0")
-    cpu_linear.onednn_linear_supported.cache_clear()
-    try:
-        assert cpu_linear.onednn_linear_supported() is False
-        layer = Linear(8, 4)
-        assert layer.pack() is False and layer._packed is None
-    finally:
-        monkeypatch.delenv(cpu_linear.ENV_SWITCH)
-        cpu_linear.onednn_linear_supported.cache_clear()
+    assert cpu_linear.onednn_linear_supported() is False
+    layer = Linear(8, 4)
+    assert layer.pack() is False and layer._packed is None
+    assert bind_linears(torch.nn.Sequential(layer), onednn=True) == 0 and not layer.use_onednn
+
+
+@needs_onednn
+def test_bind_linears_packs_for_onednn_and_unpacks_for_plain_torch(monkeypatch):
+    model = torch.nn.Sequential(Linear(40, 30), Linear(30, 20).to(torch.float16))
+    weight = model[0].weight.detach().clone()
+    assert bind_linears(model, onednn=True) == 1
+    assert model[0]._packed is not None and model[0].use_onednn and model[1]._packed is None
+    assert bind_linears(model, onednn=False) == 0            # bound again, to a plain-torch backend
+    assert model[0]._packed is None and not model[0].use_onednn and torch.equal(model[0].weight, weight)
+    # The switch is read when the layers are bound (no cache to clear): off now, on again after.
+    monkeypatch.setenv(cpu_linear.ENV_SWITCH, "0")
+    assert bind_linears(model, onednn=True) == 0 and not model[0].use_onednn
+    monkeypatch.delenv(cpu_linear.ENV_SWITCH)
+    assert bind_linears(model, onednn=True) == 1 and model[0].use_onednn

@@ -1,12 +1,15 @@
-"""kernels/cpu_ops.py: the fused native norm, rotary and SwiGLU (float32 and bfloat16) against their torch
-references, and the torch fallbacks where the native path does not apply (autograd, other dtypes)."""
+"""kernels/cpu/fused_ops.py: the fused native norm, rotary and SwiGLU (float32 and bfloat16) against their torch
+references (kernels/reference/fused_ops.py), and the torch fallbacks where the native path does not apply
+(autograd, other dtypes)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from glmserve.kernels.cpu import fused_ops as cpu_ops
-from glmserve.kernels.cpu.native import native_cpu_available
+from glmserve.kernels.cpu import native
+from glmserve.kernels.cpu.availability import checked_library, native_cpu_available
+from glmserve.kernels.reference.fused_ops import rms_norm_ref, rotate_pairs_ref, silu_mul_ref
 
 needs_native = pytest.mark.skipif(not native_cpu_available(),
                                   reason="the native CPU kernels did not build here (no C compiler?)")
@@ -14,15 +17,16 @@ needs_native = pytest.mark.skipif(not native_cpu_available(),
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Counts calls into the native library, to tell which path ran."""
+    """Counts calls into the native library (the process's, which the ops use without a ``lib``), to tell which
+    path ran."""
     calls = []
-    real = cpu_ops.library
+    real = checked_library()
 
     class Counting:
         def __getattr__(self, name):
             calls.append(name)
-            return getattr(real(), name)
-    monkeypatch.setattr(cpu_ops, "library", lambda: Counting())
+            return getattr(real, name)
+    monkeypatch.setattr(native, "library", lambda: Counting())
     return calls
 
 
@@ -39,7 +43,7 @@ def test_add_rms_norm_matches_reference(rows, with_residual, native_calls):
         summed, normed = cpu_ops.add_rms_norm(x, residual, weight, 1e-5)
     assert native_calls == ["glmserve_rms_norm_f32"]
     assert torch.equal(summed, expected_sum)
-    torch.testing.assert_close(normed, cpu_ops.rms_norm_ref(expected_sum, weight, 1e-5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(normed, rms_norm_ref(expected_sum, weight, 1e-5), rtol=1e-5, atol=1e-5)
 
 
 @needs_native
@@ -53,7 +57,7 @@ def test_rotary_in_place_equals_reference_exactly(tokens, native_calls):
         cpu_ops.rotate_pairs_(qkv[:, :10], cos, sin)                    # Q and K heads; V untouched
     assert native_calls == ["glmserve_rotary_f32"]
     # No fused multiply-adds in the C build: the same roundings as torch's separate multiplies and adds.
-    assert torch.equal(qkv[:, :10, :32], cpu_ops.rotate_pairs_ref(original[:, :10], cos, sin))
+    assert torch.equal(qkv[:, :10, :32], rotate_pairs_ref(original[:, :10], cos, sin))
     assert torch.equal(qkv[:, :10, 32:], original[:, :10, 32:]) and torch.equal(qkv[:, 10:], original[:, 10:])
 
 
@@ -67,7 +71,7 @@ def test_silu_mul_matches_reference_at_every_magnitude(ffn, native_calls):
         out = cpu_ops.silu_mul(gate_up)
     assert native_calls == ["glmserve_silu_mul_f32"]
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, cpu_ops.silu_mul_ref(gate_up), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, silu_mul_ref(gate_up), rtol=1e-5, atol=1e-6)
 
 
 @needs_native
@@ -83,7 +87,7 @@ def test_bfloat16_add_rms_norm_rounds_where_torch_does(with_residual, native_cal
     assert native_calls == ["glmserve_rms_norm_bf16"]
     assert torch.equal(summed, expected_sum)
     # The statistics differ from torch's only in float32 summation order: at most one bf16 step at the output.
-    torch.testing.assert_close(normed, cpu_ops.rms_norm_ref(expected_sum, weight, 1e-5), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(normed, rms_norm_ref(expected_sum, weight, 1e-5), rtol=2 ** -7, atol=1e-6)
 
 
 @needs_native
@@ -95,7 +99,7 @@ def test_bfloat16_rotary_in_place_equals_reference_exactly(native_calls):
     with torch.inference_mode():
         cpu_ops.rotate_pairs_(qkv[:, :10], cos, sin)
     assert native_calls == ["glmserve_rotary_bf16"]
-    assert torch.equal(qkv[:, :10, :32], cpu_ops.rotate_pairs_ref(original[:, :10], cos, sin))
+    assert torch.equal(qkv[:, :10, :32], rotate_pairs_ref(original[:, :10], cos, sin))
     assert torch.equal(qkv[:, :10, 32:], original[:, :10, 32:]) and torch.equal(qkv[:, 10:], original[:, 10:])
 
 
@@ -112,7 +116,7 @@ def test_bfloat16_silu_mul_rounds_where_torch_does(ffn, native_calls):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     # silu rounded to bf16, then the product rounded: torch's two bf16 ops; exp's last float32 bit may move a
     # rounding by one bf16 step.
-    torch.testing.assert_close(out, cpu_ops.silu_mul_ref(gate_up), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(out, silu_mul_ref(gate_up), rtol=2 ** -7, atol=1e-6)
 
 
 def test_autograd_and_float16_take_the_torch_path(native_calls):

@@ -1,8 +1,9 @@
 """glmserve's GLMForCausalLM against HF transformers' GlmForCausalLM (independent reference), fp32.
 
 Tiny random models are written to disk in ChatGLM3 format and loaded through the real loader. Each check runs on
-the plain torch path and on the native CPU path (oneDNN-packed linears, fused norm/rotary/SwiGLU, native KV write
-and decode attention) where that builds.
+the pure-torch path (the ``torch`` backend, with the native library and oneDNN switched off as well: no native code
+can run) and on the native CPU path (the ``cpu`` backend: oneDNN-packed linears, fused norm/rotary/SwiGLU, native KV
+write and decode attention) where that builds.
 """
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import dataclasses
 import pytest
 import torch
 
+from glmserve.engine.attention.cpu_backend import CpuAttentionBackend
+from glmserve.engine.attention.layer_ops import TORCH_LAYER_OPS, NativeCpuLayerOps
+from glmserve.engine.attention.torch_backend import TorchAttentionBackend
 from glmserve.engine.model import cpu_linear
 from glmserve.engine.model.checkpoint_writer import random_state_dict, write_checkpoint
 from glmserve.engine.config.model_config import ModelConfig
 from glmserve.engine.model.loader import load_model, resolve_model_source
 from glmserve.engine.text.tokenizer import embedded_tokenizer_path
-from glmserve.kernels.cpu.native import native_cpu_available
+from glmserve.engine.model.glm import MLP, RMSNorm
+from glmserve.kernels.cpu import native
+from glmserve.kernels.cpu.availability import native_cpu_available
 
 from .hf_reference import build_hf_model, hf_greedy
 from .paged_forward import PagedSequence
@@ -41,15 +47,35 @@ def checkpoint(request, tmp_path_factory):
 
 @pytest.fixture(params=["torch", "cpu"])
 def models(request, checkpoint, monkeypatch):
-    """(our model, HF's, our attention backend); for "cpu" every linear is packed, however small."""
-    if request.param == "cpu" and not native_cpu_available():
+    """(our model, HF's, our attention backend). "torch": the native library and oneDNN switched off, and loading
+    the library fails the test; "cpu": every linear is packed and runs oneDNN, however small."""
+    if request.param == "torch":
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+        monkeypatch.setenv(cpu_linear.ENV_SWITCH, "0")
+        monkeypatch.setattr(native, "library", lambda: pytest.fail("the torch path asked for the native library"))
+    elif not native_cpu_available():
         pytest.skip("the native CPU kernels did not build here (no C compiler?)")
+    else:
+        monkeypatch.setattr(cpu_linear, "PACK_MIN_WEIGHT_ELEMENTS", 0)
+        monkeypatch.setattr(cpu_linear, "MIN_MULTIPLY_ADDS", 0)
     ckpt, hf = checkpoint
     ours = load_model(resolve_model_source(str(ckpt)), torch.device("cpu"), torch.float32)
-    if request.param == "cpu":
-        monkeypatch.setattr(cpu_linear, "PACK_MIN_WEIGHT_ELEMENTS", 0)
-        assert ours.pack_for_cpu_inference() == 1 + 4 * TINY.num_layers
     return ours, hf, request.param
+
+
+def _bind(model, backend: str, seed: int) -> PagedSequence:
+    """A paged sequence over ``model`` bound to ``backend``, after checking that every layer runs that path."""
+    seq = PagedSequence(model, block_size=16, seed=seed, backend=backend)
+    attention = {type(attn.backend) for attn in model.attention_layers}
+    ops = {type(m.ops) for m in model.modules() if isinstance(m, (RMSNorm, MLP))} | {type(model.rotary.ops)}
+    linears = [m for m in model.modules() if isinstance(m, cpu_linear.Linear)]
+    if backend == "torch":
+        assert attention == {TorchAttentionBackend} and ops == {type(TORCH_LAYER_OPS)}
+        assert not any(layer._packed is not None or layer.use_onednn for layer in linears)
+    else:
+        assert attention == {CpuAttentionBackend} and ops == {NativeCpuLayerOps}
+        assert all(layer._packed is not None for layer in linears) and len(linears) == 1 + 4 * TINY.num_layers
+    return seq
 
 
 def _prompt(length: int, seed: int) -> list[int]:
@@ -61,7 +87,7 @@ def test_prefill_and_cached_decode_logits_match(models):
     ours, hf, backend = models
     for length in PROMPT_LENGTHS:
         prompt = _prompt(length, seed=length)
-        seq = PagedSequence(ours, block_size=16, seed=length, backend=backend)
+        seq = _bind(ours, backend, seed=length)
         got = seq.step(prompt)
         ref = hf(torch.tensor([prompt])).logits[0].float()
         assert (got - ref).abs().max().item() <= 1e-4, f"prefill of {length} tokens"
@@ -79,7 +105,7 @@ def test_32_greedy_tokens_identical(models):
     ours, hf, backend = models
     prompt = _prompt(21, seed=7)
     expected = hf_greedy(hf, prompt, 32)
-    seq = PagedSequence(ours, block_size=16, seed=3, backend=backend)
+    seq = _bind(ours, backend, seed=3)
     logits = seq.step(prompt)
     generated = []
     for _ in range(32):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from glmserve.kernels.cpu.attention import paged_decode_attention_cpu, paged_extend_attention_cpu
-from glmserve.kernels.cpu.native import native_cpu_available
+from glmserve.kernels.cpu.availability import native_cpu_available
 from glmserve.kernels.reference.attention import paged_decode_attention_ref, paged_extend_attention_ref
 
 from glmserve.bench.common.int_range import IntRange

@@ -1,17 +1,18 @@
-"""The Triton attention backend: the same interface as the engine's torch backend, running the kernels of this
-package. The kernel modules (and triton) are imported when a backend is built, so ``glmserve.kernels`` imports
-on machines without triton.
+"""The ``triton`` backend: the Triton kernels of ``kernels/triton`` for the KV write, decode and extend attention
+(CUDA; the interpreter on the CPU in tests); the model's elementwise ops and linears stay torch. The kernel modules
+(and triton) are imported when a backend is built, so this module imports on machines without triton.
 """
 from __future__ import annotations
 
 import torch
 
+from glmserve.engine.attention.backend import AttentionBackend
+from glmserve.engine.attention.layer_ops import TORCH_LAYER_OPS
 
-class TritonAttentionBackend:
-    """Writes the step's K/V into the paged cache, then runs decode attention over the batch's first
-    ``meta.num_decodes`` sequences (one query token each) and extend attention over the rest."""
 
+class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    ops = TORCH_LAYER_OPS
 
     def __init__(self) -> None:
         from glmserve.kernels.triton.decode_attention import choose_num_splits, paged_decode_attention
@@ -22,27 +23,16 @@ class TritonAttentionBackend:
         self._extend = paged_extend_attention
         self._write = write_kv_cache
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
-        """query: [T, H, D]; key, value: [T, KVH, D]; caches: [num_blocks, block_size, KVH, D].
+    def write(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        self._write(key, value, k_cache, v_cache, slot_mapping)
 
-        ``meta``: slot_mapping [T] int64, query_start_loc [B+1] int32, seq_lens [B] int32, block_tables [B, M]
-        int32, num_decodes, max_query_len, max_seq_len. Returns [T, H, D]; rows of padding tokens past
-        ``query_start_loc[-1]`` are left unwritten.
-        """
-        self._write(key, value, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty_like(query)
-        num_decodes = meta.num_decodes
-        num_seqs = meta.seq_lens.shape[0]
-        if num_decodes > 0:
-            # Decode sequences have one token each, so tokens [0:num_decodes] are theirs.
-            num_splits = self._choose_num_splits(num_decodes, k_cache.shape[2], meta.max_seq_len, query.device)
-            self._decode(query[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes],
-                         meta.seq_lens[:num_decodes], scale, num_splits=num_splits, out=out[:num_decodes])
-        if num_seqs > num_decodes:
-            # Rebase the extend sequences' token offsets onto query[num_decodes:] (no host sync needed).
-            query_start_loc = meta.query_start_loc[num_decodes:] - num_decodes
-            self._extend(query[num_decodes:], k_cache, v_cache, meta.block_tables[num_decodes:], query_start_loc,
-                         meta.seq_lens[num_decodes:], scale, meta.max_query_len, out=out[num_decodes:],
-                         max_seq_len=meta.max_seq_len)
-        return out
+    def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale: float, *, max_seq_len: int,
+               out: torch.Tensor) -> None:
+        num_decodes = query.shape[0]
+        num_splits = self._choose_num_splits(num_decodes, k_cache.shape[2], max_seq_len, query.device)
+        self._decode(query, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=num_splits, out=out)
+
+    def extend(self, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float, *,
+               max_query_len: int, max_seq_len: int, out: torch.Tensor) -> None:
+        self._extend(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, out=out,
+                     max_seq_len=max_seq_len)

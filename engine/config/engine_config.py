@@ -65,9 +65,6 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
             raise ConfigError(f"attention_backend must be auto, torch, cpu or triton, got {self.attention_backend!r}")
-        if self.attention_backend == "cpu":
-            from glmserve.engine.attention.backends import check_cpu_backend     # imported here: attention imports this module
-            check_cpu_backend(str(self.device))
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):

@@ -7,8 +7,9 @@ the same fp32 operands (bench/RESULTS.md, "oneDNN linears"). oneDNN computes in 
 results differ from MKL's only by summation order (|diff| ~1e-6 relative), and greedy outputs still equal HF.
 
 ``torch.ops.mkldnn._linear_pointwise`` is the op torch's own CPU compiler emits for linears; it is an internal
-op, so ``onednn_linear_supported`` probes it once (present, runs, and agrees with ``F.linear``) and everything
-falls back to ``F.linear`` where it is missing. Set ``GLMSERVE_ONEDNN_LINEAR=0`` to turn it off.
+op, so ``onednn_linear_supported`` probes it once per process (present, runs, and agrees with ``F.linear``) and
+everything falls back to ``F.linear`` where it is missing. Only the ``cpu`` backend asks for oneDNN linears
+(``bind_linears``, when the model is bound); ``GLMSERVE_ONEDNN_LINEAR=0`` turns them off, read at that moment.
 
 bfloat16 models: ``F.linear`` already runs oneDNN's bf16 matmul, so only the packing is added (1.2-2x on this
 machine's layer shapes, identical results: ``glmserve-bench cpu-linear --dtype bfloat16``), where oneDNN has bf16
@@ -34,11 +35,20 @@ PACK_MIN_WEIGHT_ELEMENTS = 1 << 18
 PACK_ROWS_HINT = 64
 
 
-@functools.lru_cache(maxsize=1)
 def onednn_linear_supported() -> bool:
-    """Whether this torch build runs oneDNN fp32 linears correctly (checked once per process)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
+    """Whether fp32 linears may run through oneDNN here: ``GLMSERVE_ONEDNN_LINEAR`` is not 0 (read now, every
+    time) and this torch build's oneDNN linear runs and agrees with ``F.linear`` (probed once per process)."""
+    return os.environ.get(ENV_SWITCH, "1") != "0" and _onednn_fp32_works()
+
+
+def onednn_bf16_packing_supported() -> bool:
+    """Whether bf16 weights can be packed: oneDNN's fp32 path may be used, it has bf16 kernels for this CPU, and a
+    packed bf16 weight gives ``F.linear``'s result (probed once per process)."""
+    return onednn_linear_supported() and _onednn_bf16_works()
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_fp32_works() -> bool:
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
@@ -57,10 +67,8 @@ def onednn_linear_supported() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def onednn_bf16_packing_supported() -> bool:
-    """Whether bf16 weights can be packed: oneDNN's fp32 path works, it has bf16 kernels for this CPU, and a packed
-    bf16 weight gives ``F.linear``'s result (checked once per process)."""
-    if not onednn_linear_supported() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+def _onednn_bf16_works() -> bool:
+    if not _onednn_fp32_works() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     try:
         generator = torch.Generator().manual_seed(0)
@@ -87,23 +95,25 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_pays_off(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Inference only (the op has no backward), fp32 on the CPU only: other dtypes keep torch's numerics.
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.numel() * weight.shape[0] >= MIN_MULTIPLY_ADDS        # rows x in x out
-            and not (torch.is_grad_enabled() and weight.requires_grad) and onednn_linear_supported())
+            and not (torch.is_grad_enabled() and weight.requires_grad))
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and checkpoint names) whose CPU fp32 inference runs oneDNN's matmul.
+    """``nn.Linear`` (same parameters and checkpoint names) whose CPU fp32 inference may run oneDNN's matmul.
 
-    After loading, ``pack()`` swaps the weight (float32 or bfloat16) for a copy reordered into oneDNN's blocked
+    A plain ``F.linear`` until told otherwise: with ``use_onednn`` set (``bind_linears``, when the model is bound to
+    the ``cpu`` backend) large fp32 matmuls run through oneDNN. ``pack()`` swaps the weight (float32 or bfloat16) for a copy reordered into oneDNN's blocked
     layout and drops the plain one (the same memory, as IPEX does for CPU inference): 1.1-1.6x faster than the
     weight as stored at 64 rows (``glmserve-bench cpu-linear``). A packed layer has no ``weight`` parameter until
     ``unpack()``; ``state_dict()`` still returns it in the plain layout.
     """
 
     _packed: torch.Tensor | None = None
+    use_onednn: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
@@ -111,7 +121,7 @@ class Linear(nn.Linear):
                 raise TypeError(f"this packed Linear takes {self._packed.dtype} CPU inputs, got {x.dtype} on "
                                 f"{x.device.type}")
             return _onednn_linear(x, self._packed, self.bias)
-        if _use_onednn(x, self.weight):
+        if self.use_onednn and _onednn_pays_off(x, self.weight):
             return _onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -158,6 +168,19 @@ class Linear(nn.Linear):
 def pack_linears(model: nn.Module) -> int:
     """Pack every qualifying ``Linear`` of ``model`` for CPU inference; returns how many were packed."""
     return sum(module.pack() for module in model.modules() if isinstance(module, Linear))
+
+
+def bind_linears(model: nn.Module, onednn: bool) -> int:
+    """Set how every ``Linear`` of ``model`` runs, as its backend asks: ``onednn`` (and oneDNN usable here, which
+    reads ``GLMSERVE_ONEDNN_LINEAR`` now): large fp32 matmuls through oneDNN and qualifying weights packed; otherwise
+    plain ``F.linear`` on plain weights (packed ones are unpacked). Returns how many layers are packed."""
+    onednn = onednn and onednn_linear_supported()
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    for layer in linears:
+        layer.use_onednn = onednn
+        if not onednn:
+            layer.unpack()
+    return pack_linears(model) if onednn else 0
 
 
 def packed_weight_bytes(model: nn.Module) -> int:

@@ -4,6 +4,11 @@ Module names follow the checkpoint's tensor names (``transformer.encoder.layers.
 loader copies tensors by name. ``forward(input_ids, positions, batch)`` takes a flat batch of tokens [T] and the pass's
 ``ForwardBatch`` (the paged-cache metadata), which goes down to every attention layer with the call.
 
+What runs the layer's steps comes from the attention backend the model is bound to (``bind_runtime``): its
+attention kernels, its elementwise ops (``LayerOps``: norms, rotary, SwiGLU) and whether the linears run packed
+through oneDNN. Bound to ``torch`` the whole model is pure torch. Unbound, the norms and the MLP compute with the
+torch references.
+
 Tensor parallel: a model built with a ``ShardLayout`` of N ranks and a ``TensorParallelGroup`` holds one rank's
 share (see parallel_layout.py) and all-reduces after the row-parallel linears and the vocabulary-parallel
 embedding; ``compute_logits`` gathers the vocabulary slices on rank 0. Without a group (N = 1) the model is the
@@ -16,11 +21,10 @@ import math
 import torch
 from torch import nn
 
-from glmserve.kernels.cpu.fused_ops import add_rms_norm, rotate_pairs_, silu_mul
-
-from glmserve.engine.attention.backends import AttentionBackend
+from glmserve.engine.attention.backend import AttentionBackend
+from glmserve.engine.attention.layer_ops import TORCH_LAYER_OPS, LayerOps
 from glmserve.engine.config.model_config import ModelConfig
-from glmserve.engine.model.cpu_linear import Linear, pack_linears, packed_weight_bytes
+from glmserve.engine.model.cpu_linear import Linear, bind_linears, packed_weight_bytes
 from glmserve.engine.model.collectives import Collectives
 from glmserve.engine.model.forward_batch import ForwardBatch
 from glmserve.engine.model.shard_layout import ShardLayout
@@ -29,18 +33,20 @@ from glmserve.engine.model.shard_layout import ShardLayout
 class RMSNorm(nn.Module):
     """ChatGLM's RMSNorm: statistics in float32, weight applied in float32, one cast back at the end."""
 
+    ops: LayerOps = TORCH_LAYER_OPS     # the bound backend's (bind_runtime)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return add_rms_norm(x, None, self.weight, self.eps)[1]
+        return self.ops.add_rms_norm(x, None, self.weight, self.eps)[1]
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual connection and the norm in one step: (x + residual, norm(x + residual)); x may be updated
         in place, so it must be the caller's own activation. ``residual`` None: (x, norm(x))."""
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding:
@@ -50,12 +56,14 @@ class RotaryEmbedding:
     Not an nn.Module: the cos/sin table is derived state, rebuilt on the model's device after loading.
     """
 
-    def __init__(self, rotary_dim: int, base: float, max_positions: int, device: torch.device):
+    def __init__(self, rotary_dim: int, base: float, max_positions: int, device: torch.device,
+                 ops: LayerOps = TORCH_LAYER_OPS):
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim))
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
         self.cos = angles.cos().float()   # [max_positions, rotary_dim/2]
         self.sin = angles.sin().float()
         self.rotary_dim = rotary_dim
+        self.ops = ops
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, rot/2] at ``positions`` [T]: done once per forward pass and shared by every layer
@@ -65,7 +73,7 @@ class RotaryEmbedding:
     def rotate_(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
         """In place: x [T, heads, head_dim] (a view, features contiguous); cos_sin from ``lookup``."""
         cos, sin = cos_sin
-        rotate_pairs_(x, cos, sin)
+        self.ops.rotate_pairs_(x, cos, sin)
 
 
 class SelfAttention(nn.Module):
@@ -103,6 +111,8 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    ops: LayerOps = TORCH_LAYER_OPS     # the bound backend's (bind_runtime)
+
     def __init__(self, config: ModelConfig, group: Collectives | None = None):
         super().__init__()
         self.group = group
@@ -111,7 +121,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dense_4h_to_h(silu_mul(self.dense_h_to_4h(x)))   # a partial sum over this rank's ffn slice when sharded
+        out = self.dense_4h_to_h(self.ops.silu_mul(self.dense_h_to_4h(x)))   # a partial sum over this rank's ffn slice when sharded
         return out if self.group is None else self.group.all_reduce(out)
 
 
@@ -201,21 +211,22 @@ class GLMForCausalLM(nn.Module):
         """Bytes of all weights, packed linears included."""
         return sum(p.numel() * p.element_size() for p in self.parameters()) + packed_weight_bytes(self)
 
-    def pack_for_cpu_inference(self) -> int:
-        """Swap the linears' weights for oneDNN-blocked copies (CPU float32 or bfloat16; cpu_linear.py). After
-        loading, before serving; returns how many layers were packed."""
-        return pack_linears(self)
-
     @property
     def attention_layers(self) -> list[SelfAttention]:
         return [layer.self_attention for layer in self.transformer.encoder.layers]
 
     def bind_runtime(self, backend: AttentionBackend, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                      max_positions: int) -> None:
-        """Attach the attention backend, each layer's KV cache and the rotary table (after weights are loaded)."""
+        """Attach the attention backend, each layer's KV cache and the rotary table (after weights are loaded),
+        and run the layers' elementwise ops and linears as the backend says (linears packed for oneDNN, or
+        unpacked: a model may be bound again to another backend)."""
         device = self.weights_device
-        rotary = RotaryEmbedding(self.config.rotary_dim, self.config.rope_base, max_positions, device)
+        rotary = RotaryEmbedding(self.config.rotary_dim, self.config.rope_base, max_positions, device, backend.ops)
         self.rotary = rotary     # forward looks the positions up once; every layer rotates with that lookup
+        bind_linears(self, backend.onednn_linears)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP)):
+                module.ops = backend.ops
         for attn, (k_cache, v_cache) in zip(self.attention_layers, kv_caches, strict=True):
             attn.backend, attn.k_cache, attn.v_cache, attn.rotary = backend, k_cache, v_cache, rotary
 

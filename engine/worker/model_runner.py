@@ -46,12 +46,11 @@ class ModelRunner:
         self.model = model
         self.config: ModelConfig = model.config
         self.device, self.dtype = model.weights_device, model.weights_dtype
-        if self.device.type == "cpu":
-            model.pack_for_cpu_inference()      # float32 and bfloat16 linears; a no-op for float16
+        # "auto" is resolved here; the backend also decides the model's elementwise ops and linear packing.
+        self.backend = make_attention_backend(attention_backend, self.device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
-        self.backend = make_attention_backend(attention_backend, self.device)
         model.bind_runtime(self.backend, self.kv_caches, max_model_len)
         self.max_model_len = max_model_len
         self.sampler = Sampler(vocab_size, eos_token_id)

@@ -1,19 +1,25 @@
-"""A GLM layer's elementwise steps (RMSNorm with the residual add, rotary, SwiGLU): torch everywhere, one fused
-native call each for float32 and bfloat16 on the CPU (``kernels/cpu/fused_ops.c``) where the native library is
-available.
+"""A GLM layer's elementwise steps (RMSNorm with the residual add, rotary, SwiGLU) in one fused native call each,
+for float32 and bfloat16 on the CPU (``kernels/cpu/csrc/fused_ops.c``).
 
 At decode batch sizes these steps are a few dozen small torch ops per layer, each paying dispatch and OpenMP
-start-up; the fused calls do one pass over the data instead. The torch versions below are the reference (and the
-CUDA path): the native ones agree with them to float32 rounding (the rotary exactly); in bfloat16 they round where
-torch's bf16 ops round, so they agree to within one bf16 step.
+start-up; the fused calls do one pass over the data instead. The torch references (``kernels/reference/fused_ops.py``)
+are what they are tested against: the native ones agree with them to float32 rounding (the rotary exactly); in
+bfloat16 they round where torch's bf16 ops round, so they agree to within one bf16 step.
+
+Whether the native library is used at all is decided once, when a backend is chosen (the ``cpu`` backend binds
+these; ``torch`` binds the references). Here only the operands decide: the references run for what the C code has
+no instance for (float16, other devices, non-contiguous rows) and under autograd. Every function takes the loaded
+library as ``lib``; without it they use the process's ``native.library()``.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
-import torch.nn.functional as F
 
-from glmserve.kernels.cpu.native import library, native_cpu_available
-
+from glmserve.kernels.cpu import native
+from glmserve.kernels.reference.fused_ops import (add_rms_norm_ref, rms_norm_ref, rotate_pairs_ref,
+                                                  rotate_pairs_ref_, silu_mul_ref)
 
 # Activation dtype -> suffix of the C functions for it.
 _SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -24,85 +30,64 @@ def _native(*tensors: torch.Tensor) -> str | None:
     autograd), or None: use torch."""
     dtype = tensors[0].dtype
     if (dtype in _SUFFIXES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-            and not torch.is_grad_enabled() and native_cpu_available()):
+            and not torch.is_grad_enabled()):
         return _SUFFIXES[dtype]
     return None
 
 
-# ---- torch references -----------------------------------------------------------------------------------------
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """ChatGLM's RMSNorm: statistics and weight in float32, one cast back at the end."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * x32).to(x.dtype)
+def _loaded(lib: ctypes.CDLL | None) -> ctypes.CDLL:
+    lib = native.library() if lib is None else lib
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available")
+    return lib
 
 
-def rotate_pairs_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, >= rot] with cos, sin [T, rot/2]: the rotated first ``rot`` features (GPT-J pairs), x's dtype."""
-    rot = 2 * cos.shape[-1]
-    pairs = x[..., :rot].float().unflatten(-1, (rot // 2, 2))             # [T, heads, rot/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2).to(x.dtype)
-
-
-def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-# ---- what the model calls ---------------------------------------------------------------------------------------
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, rms_norm(x + residual)); x: [T, dim]. The native path adds into ``x`` in place, so x must be
     the caller's own activation (never a parameter or a view someone else reads)."""
     suffix = _native(x, weight) if residual is None else _native(x, weight, residual)
     if suffix is None or x.dim() != 2 or not x.is_contiguous():
-        if residual is not None:
-            x = x + residual
-        return x, rms_norm_ref(x, weight, eps)
+        return add_rms_norm_ref(x, residual, weight, eps)
     rows, dim = x.shape
     out = torch.empty_like(x)
     if residual is not None:
         residual = residual.contiguous()
-    getattr(library(), f"glmserve_rms_norm_{suffix}")(
+    getattr(_loaded(lib), f"glmserve_rms_norm_{suffix}")(
         x.data_ptr(), dim, None if residual is None else residual.data_ptr(), weight.contiguous().data_ptr(),
         out.data_ptr(), rows, dim, eps, torch.get_num_threads())
     return x, out
 
 
-def rotate_pairs_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def rotate_pairs_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """In place: rotary on the first 2 * cos.shape[-1] features of each head of x [T, heads, D] (a view; the
     feature dimension contiguous); cos, sin [T, rot/2] float32."""
     suffix = _native(x)
     if (suffix is not None and _native(cos, sin) == "f32" and x.stride(-1) == 1 and cos.is_contiguous()
             and sin.is_contiguous()):
         tokens, heads, _ = x.shape
-        getattr(library(), f"glmserve_rotary_{suffix}")(
+        getattr(_loaded(lib), f"glmserve_rotary_{suffix}")(
             x.data_ptr(), tokens, heads, x.stride(0), x.stride(1), 2 * cos.shape[-1], cos.data_ptr(), sin.data_ptr(),
             torch.get_num_threads())
         return
-    x[..., :2 * cos.shape[-1]] = rotate_pairs_ref(x, cos, sin)
+    rotate_pairs_ref_(x, cos, sin)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """SwiGLU: silu(first half) * second half of gate_up [T, 2F] -> [T, F]."""
     suffix = _native(gate_up)
     if suffix is None or not gate_up.is_contiguous():
         return silu_mul_ref(gate_up)
     rows, width = gate_up.shape
     out = gate_up.new_empty(rows, width // 2)
-    getattr(library(), f"glmserve_silu_mul_{suffix}")(gate_up.data_ptr(), out.data_ptr(), rows, width // 2,
-                                                      torch.get_num_threads())
+    getattr(_loaded(lib), f"glmserve_silu_mul_{suffix}")(gate_up.data_ptr(), out.data_ptr(), rows, width // 2,
+                                                         torch.get_num_threads())
     return out
 
 
-def self_check() -> bool:
-    """Each native op against its torch reference on a small case, float32 and bfloat16 (called by
-    ``native_cpu_available``)."""
-    lib = library()
+def self_check(lib: ctypes.CDLL) -> bool:
+    """Each op of ``lib`` against its torch reference on a small case, float32 and bfloat16 (called by
+    ``availability.native_cpu_available``)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(5, 40, generator=generator)
     residual = torch.randn(5, 40, generator=generator)

@@ -2,8 +2,11 @@
 
 The C sources are compiled with the system C compiler (``cc -O3 -march=native -fopenmp``) into one shared
 library in a cache directory, keyed by the sources, flags, compiler and CPU; nothing is built at install time.
-Wherever there is no compiler, or the library disagrees with the torch reference in its self-check
-(``native_cpu_available``), the engine keeps its pure-torch paths. ``GLMSERVE_NATIVE_CPU=0`` turns it off.
+This module only builds and loads; it imports no kernel module. Whether the engine may use the library (it is
+switched on, it builds, and every kernel agrees with its torch reference) is ``availability.native_cpu_available``,
+asked when an attention backend is chosen. ``GLMSERVE_NATIVE_CPU=0`` turns it off: the switch is read each time it
+is asked (``native_enabled``), never cached; the built library is loaded once per process (a property of the
+machine, like the self-check).
 
 The library links OpenMP; torch's CPU build has already loaded its own ``libgomp.so.1`` by the time this module
 runs, so the dynamic loader resolves ours to the same runtime and the kernels share torch's thread pool.
@@ -100,11 +103,14 @@ def build(compiler: str, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
     return library
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The loaded library, or None where it is switched off or cannot be built (the reason is logged)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
+def native_enabled() -> bool:
+    """Whether ``GLMSERVE_NATIVE_CPU`` allows the native kernels (read now, every time)."""
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def load_library() -> ctypes.CDLL | None:
+    """Build (or reuse) and load the library now, or None where it cannot be built or loaded (the reason is
+    logged). Not cached: ``library`` is the per-process copy."""
     compiler = _compiler()
     if compiler is None:
         logger.info("no C compiler found: the CPU kernels stay in torch")
@@ -117,6 +123,12 @@ def library() -> ctypes.CDLL | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded library, built on first use and kept for the process, or None where it cannot be built."""
+    return load_library()
+
+
 def load(path: Path) -> ctypes.CDLL:
     """Load a built library and declare its functions' signatures."""
     lib = ctypes.CDLL(str(path))
@@ -124,17 +136,3 @@ def load(path: Path) -> ctypes.CDLL:
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes
     return lib
-
-
-@functools.lru_cache(maxsize=1)
-def native_cpu_available() -> bool:
-    """The library builds, loads and every kernel agrees with its torch reference on a small case (checked once
-    per process; a disagreement is logged and everything stays in torch)."""
-    if library() is None:
-        return False
-    from glmserve.kernels.cpu.attention import self_check as attention_ok
-    from glmserve.kernels.cpu.fused_ops import self_check as ops_ok
-    ok = attention_ok() and ops_ok()
-    if not ok:
-        logger.warning("native CPU kernels disagree with the torch reference: staying in torch")
-    return ok
