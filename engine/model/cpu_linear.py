@@ -106,10 +106,10 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and checkpoint names) whose CPU fp32 inference may run oneDNN's matmul.
 
     A plain ``F.linear`` until told otherwise: with ``use_onednn`` set (``bind_linears``, when the model is bound to
-    the ``cpu`` backend) large fp32 matmuls run through oneDNN. ``pack()`` swaps the weight (float32 or bfloat16) for a copy reordered into oneDNN's blocked
-    layout and drops the plain one (the same memory, as IPEX does for CPU inference): 1.1-1.6x faster than the
-    weight as stored at 64 rows (``glmserve-bench cpu-linear``). A packed layer has no ``weight`` parameter until
-    ``unpack()``; ``state_dict()`` still returns it in the plain layout.
+    the ``cpu`` backend) large fp32 matmuls run through oneDNN. ``pack()`` swaps the weight (float32 or bfloat16)
+    for a copy reordered into oneDNN's blocked layout and drops the plain one (the same memory, as IPEX does for CPU
+    inference): 1.1-1.6x faster than the weight as stored at 64 rows (``glmserve-bench cpu-linear``). A packed
+    layer has no ``weight`` parameter until ``unpack()``; ``state_dict()`` still returns it in the plain layout.
     """
 
     _packed: torch.Tensor | None = None

@@ -121,7 +121,8 @@ class MLP(nn.Module):
         self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dense_4h_to_h(self.ops.silu_mul(self.dense_h_to_4h(x)))   # a partial sum over this rank's ffn slice when sharded
+        # A partial sum over this rank's ffn slice when sharded.
+        out = self.dense_4h_to_h(self.ops.silu_mul(self.dense_h_to_4h(x)))
         return out if self.group is None else self.group.all_reduce(out)
 
 
