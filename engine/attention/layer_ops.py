@@ -4,6 +4,7 @@ is bound to runs them: ``LayerOps`` are the pure-torch references (the ``torch``
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -43,12 +44,7 @@ class NativeCpuLayerOps(LayerOps):
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-
-    def add_rms_norm(self, x, residual, weight, eps):
-        return add_rms_norm(x, residual, weight, eps, lib=self.lib)
-
-    def rotate_pairs_(self, x, cos, sin) -> None:
-        rotate_pairs_(x, cos, sin, lib=self.lib)
-
-    def silu_mul(self, gate_up):
-        return silu_mul(gate_up, lib=self.lib)
+        # Bound as instance attributes rather than methods: one Python frame less per call on the decode path.
+        self.add_rms_norm = functools.partial(add_rms_norm, lib=lib)
+        self.rotate_pairs_ = functools.partial(rotate_pairs_, lib=lib)
+        self.silu_mul = functools.partial(silu_mul, lib=lib)

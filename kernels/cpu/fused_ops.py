@@ -35,8 +35,9 @@ def _native(*tensors: torch.Tensor) -> str | None:
     return None
 
 
-def _loaded(lib: ctypes.CDLL | None) -> ctypes.CDLL:
-    lib = native.library() if lib is None else lib
+def _process_library() -> ctypes.CDLL:
+    """The process's library, for calls without a ``lib``."""
+    lib = native.library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available")
     return lib
@@ -53,7 +54,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     out = torch.empty_like(x)
     if residual is not None:
         residual = residual.contiguous()
-    getattr(_loaded(lib), f"glmserve_rms_norm_{suffix}")(
+    getattr(lib if lib is not None else _process_library(), f"glmserve_rms_norm_{suffix}")(
         x.data_ptr(), dim, None if residual is None else residual.data_ptr(), weight.contiguous().data_ptr(),
         out.data_ptr(), rows, dim, eps, torch.get_num_threads())
     return x, out
@@ -66,7 +67,7 @@ def rotate_pairs_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lib: ct
     if (suffix is not None and _native(cos, sin) == "f32" and x.stride(-1) == 1 and cos.is_contiguous()
             and sin.is_contiguous()):
         tokens, heads, _ = x.shape
-        getattr(_loaded(lib), f"glmserve_rotary_{suffix}")(
+        getattr(lib if lib is not None else _process_library(), f"glmserve_rotary_{suffix}")(
             x.data_ptr(), tokens, heads, x.stride(0), x.stride(1), 2 * cos.shape[-1], cos.data_ptr(), sin.data_ptr(),
             torch.get_num_threads())
         return
@@ -80,8 +81,8 @@ def silu_mul(gate_up: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Ten
         return silu_mul_ref(gate_up)
     rows, width = gate_up.shape
     out = gate_up.new_empty(rows, width // 2)
-    getattr(_loaded(lib), f"glmserve_silu_mul_{suffix}")(gate_up.data_ptr(), out.data_ptr(), rows, width // 2,
-                                                         torch.get_num_threads())
+    getattr(lib if lib is not None else _process_library(), f"glmserve_silu_mul_{suffix}")(
+        gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
     return out
 
 
