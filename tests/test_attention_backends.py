@@ -3,6 +3,7 @@ every backend; the backend is chosen once, when the engine is built; ``torch`` i
 oneDNN), ``cpu`` is the native path; building a config compiles nothing; the switches are read at engine build."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from glmserve.engine.attention.layer_ops import TORCH_LAYER_OPS, NativeCpuLayerO
 from glmserve.engine.attention.metadata import AttentionMetadata
 from glmserve.engine.config.errors import ConfigError
 from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.entrypoints.llm import LLM
 from glmserve.engine.model import cpu_linear
 from glmserve.kernels.cpu import native
 from glmserve.kernels.cpu.availability import checked_library, native_cpu_available
@@ -209,3 +211,12 @@ def test_building_a_config_compiles_nothing(tmp_path):
             "print(native_cpu_available())\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.stdout.strip() == "False" and marker.exists()
+
+
+def test_a_tensor_parallel_engine_refuses_the_cpu_backend_before_its_workers_build(monkeypatch):
+    """The check moved from the config to the engine build: with workers it is still one clear ConfigError (rank 0
+    builds its backend first), and the workers are stopped."""
+    monkeypatch.setenv(native.ENV_SWITCH, "0")          # inherited by the spawned worker
+    with pytest.raises(ConfigError, match="attention_backend 'cpu' needs its native kernel"):
+        LLM("glm-tiny", tensor_parallel_size=2, attention_backend="cpu", num_kv_blocks=16)
+    assert not [child for child in multiprocessing.active_children() if child.is_alive()]

@@ -88,8 +88,10 @@ class TensorParallelExecutor(LocalExecutor):
         return super().peak_forward_memory(model)
 
     def make_runner(self, model: GLMForCausalLM, **runner_args) -> ModelRunner:
+        # Rank 0 first: a backend that cannot run here is a ConfigError before any worker builds its runner.
+        runner = DriverRunner(self.pool, model, **runner_args)
         self.pool.request(BuildRunner(runner_args))
-        return DriverRunner(self.pool, model, **runner_args)
+        return runner
 
     def check(self) -> None:
         self.pool.check()    # a lost rank fails every step, even one with nothing to run
