@@ -18,7 +18,7 @@ from glmserve.engine.attention.torch_backend import TorchAttentionBackend
 from glmserve.engine.config.engine_config import EngineConfig
 from glmserve.engine.config.errors import ConfigError
 from glmserve.engine.core.sampling_params import SamplingParams
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.kernels.cpu import attention as cpu_attention
 from glmserve.kernels.cpu import fused_ops as cpu_ops
 from glmserve.kernels.cpu import native as cpu_native
@@ -71,7 +71,7 @@ def test_without_the_library_everything_stays_in_torch(how, monkeypatch, tmp_pat
         # The config is only data; the engine refuses the backend when it is built, with the same message.
         config = EngineConfig(model="glm-tiny", attention_backend="cpu")
         with pytest.raises(ConfigError, match="attention_backend 'cpu' needs its native kernel"):
-            Engine(config)
+            EngineCore(config)
 
 
 def test_cpu_backend_is_refused_on_cuda():
