@@ -190,6 +190,7 @@ def test_the_switches_are_read_when_the_engine_is_built(monkeypatch):
     assert make_engine("glm-tiny", num_kv_blocks=8).runner.model.transformer.output_layer._packed is not None
 
 
+@pytest.mark.subprocess
 def test_building_a_config_compiles_nothing(tmp_path):
     """In a fresh process (nothing built or cached yet): EngineConfig(attention_backend="cpu") imports no kernel
     module, runs no compiler and writes no library."""
@@ -213,6 +214,7 @@ def test_building_a_config_compiles_nothing(tmp_path):
     assert result.stdout.strip() == "False" and marker.exists()
 
 
+@pytest.mark.tensor_parallel
 def test_a_tensor_parallel_engine_refuses_the_cpu_backend_before_its_workers_build(monkeypatch):
     """The check moved from the config to the engine build: with workers it is still one clear ConfigError (rank 0
     builds its backend first), and the workers are stopped."""
@@ -220,3 +222,17 @@ def test_a_tensor_parallel_engine_refuses_the_cpu_backend_before_its_workers_bui
     with pytest.raises(ConfigError, match="attention_backend 'cpu' needs its native kernel"):
         LLM("glm-tiny", tensor_parallel_size=2, attention_backend="cpu", num_kv_blocks=16)
     assert not [child for child in multiprocessing.active_children() if child.is_alive()]
+
+
+def test_no_import_cycles_between_the_backends_kernels_model_and_config():
+    """Function-local imports included (grimp reads every import statement): the config no longer imports the
+    attention backends, and native.py no longer imports the kernel modules that import it."""
+    grimp = pytest.importorskip("grimp")
+    packages = ("glmserve.kernels.cpu", "glmserve.kernels.reference", "glmserve.engine.attention",
+                "glmserve.engine.config", "glmserve.engine.model")
+    graph = grimp.build_graph(*packages)
+    modules = sorted(m for m in graph.modules if m.startswith(packages))
+    assert "glmserve.kernels.cpu.availability" in modules
+    cycles = [(a, b) for i, a in enumerate(modules) for b in modules[i + 1:]
+              if graph.find_shortest_chain(importer=a, imported=b) and graph.find_shortest_chain(importer=b, imported=a)]
+    assert cycles == []
