@@ -222,17 +222,3 @@ def test_a_tensor_parallel_engine_refuses_the_cpu_backend_before_its_workers_bui
     with pytest.raises(ConfigError, match="attention_backend 'cpu' needs its native kernel"):
         LLM("glm-tiny", tensor_parallel_size=2, attention_backend="cpu", num_kv_blocks=16)
     assert not [child for child in multiprocessing.active_children() if child.is_alive()]
-
-
-def test_no_import_cycles_between_the_backends_kernels_model_and_config():
-    """Function-local imports included (grimp reads every import statement): the config no longer imports the
-    attention backends, and native.py no longer imports the kernel modules that import it."""
-    grimp = pytest.importorskip("grimp")
-    packages = ("glmserve.kernels.cpu", "glmserve.kernels.reference", "glmserve.engine.attention",
-                "glmserve.engine.config", "glmserve.engine.model")
-    graph = grimp.build_graph(*packages)
-    modules = sorted(m for m in graph.modules if m.startswith(packages))
-    assert "glmserve.kernels.cpu.availability" in modules
-    cycles = [(a, b) for i, a in enumerate(modules) for b in modules[i + 1:]
-              if graph.find_shortest_chain(importer=a, imported=b) and graph.find_shortest_chain(importer=b, imported=a)]
-    assert cycles == []
