@@ -94,3 +94,12 @@ def test_cpu_backend_without_its_native_kernels_is_one_line_and_exit_2(capsys, m
     code, _, err = _run_cli(capsys, "generate", "--model", "glm-tiny", "--prompt", "x", "--attention-backend", "cpu")
     assert code == 2 and "attention_backend 'cpu' needs its native kernel" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_backend_that_cannot_run_before_binding(capsys, monkeypatch):
+    from glmserve.kernels.cpu import native as cpu_native
+    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
+    code, out, err = _run_cli(capsys, "serve", "--model", "glm-tiny", "--attention-backend", "cpu", "--port", "0",
+                              "--metrics-port", "-1")
+    assert code == 2 and "attention_backend 'cpu' needs its native kernel" in err and "Traceback" not in err
+    assert "serving on" not in out      # refused before the port is bound, like a bad --model

@@ -22,6 +22,7 @@ from glmserve.engine.attention.triton_backend import TritonAttentionBackend
 from glmserve.engine.config.engine_config import ATTENTION_BACKENDS
 from glmserve.engine.config.errors import ConfigError
 
+
 def resolve_backend_name(name: str, device: torch.device | str) -> str:
     """The concrete backend ``name`` means on ``device`` (``auto`` resolved)."""
     if name not in ATTENTION_BACKENDS:
@@ -42,12 +43,20 @@ def check_cpu_backend(device: torch.device | str) -> None:
                           f"compiler, or {NATIVE_SWITCH}=0): use 'torch' or 'auto'")
 
 
+def check_backend(name: str, device: torch.device | str) -> str:
+    """The concrete backend ``name`` means on ``device``, or a ConfigError saying why it cannot run there. Cheap
+    enough to call before a model loads (the native library is built and checked once per process)."""
+    name = resolve_backend_name(name, device)
+    if name == "cpu":
+        check_cpu_backend(device)
+    return name
+
+
 def make_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
     """Build the backend ``name`` for ``device`` (ConfigError where it cannot run there)."""
-    name = resolve_backend_name(name, device)
+    name = check_backend(name, device)
     if name == "torch":
         return TorchAttentionBackend()
     if name == "cpu":
-        check_cpu_backend(device)
         return CpuAttentionBackend(availability.checked_library())
     return TritonAttentionBackend()

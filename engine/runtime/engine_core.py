@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from glmserve.engine.attention.backends import check_backend
 from glmserve.engine.config.engine_config import EngineConfig
 from glmserve.engine.config.errors import ConfigError
 from glmserve.engine.core.block_manager import BlockManager
@@ -84,6 +85,7 @@ class EngineCore:
         if self.max_model_len > model_config.seq_length:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's seq_length "
                               f"{model_config.seq_length}")
+        check_backend(config.attention_backend, self.device)   # a backend that cannot run here fails before the load
         if not config.scheduler.enable_chunked_prefill and config.scheduler.max_num_batched_tokens < self.max_model_len:
             # Without chunking a prompt (or a recompute after preemption) must fit one step's token budget.
             raise ConfigError(f"with chunked prefill off, max_num_batched_tokens "

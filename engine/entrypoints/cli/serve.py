@@ -49,6 +49,7 @@ def add_serve_parser(sub) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from glmserve.engine.attention.backends import check_backend
     from glmserve.engine.model.loader import resolve_model_source
     from glmserve.engine.entrypoints.grpc.server import ServerOptions
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,7 +61,9 @@ def run_serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout, max_waiting_requests=args.max_waiting_requests, api_key=args.api_key,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes)
     config = engine_config_from_args(args)
-    resolve_model_source(config.model, config.load_format, config.tokenizer)   # a bad --model fails before binding
+    # A bad --model or an attention backend that cannot run here fails before the port is bound.
+    resolve_model_source(config.model, config.load_format, config.tokenizer)
+    check_backend(config.attention_backend, config.device)
     try:
         return asyncio.run(serve(config, options))
     except OSError as exc:   # the port is taken, a TLS file is unreadable, ...
