@@ -22,13 +22,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import replace
-from pathlib import Path
 
 from glmserve.engine.entrypoints.grpc.client import SERVING, AsyncGenerationClient, GenerationClient
 
 from glmserve.bench.serve.command import BenchConfig, BenchError, benchmark
 from glmserve.bench.serve.datasets import IntRange
 from glmserve.bench.serve.report import RunResult, result_json, run_table
+from glmserve.bench.common.output import output_path
 
 SERVE_COMMAND = [sys.executable, "-m", "glmserve.engine.entrypoints.cli.main", "serve", "--model", "glm-tiny", "--host", "127.0.0.1",
                  "--port", "0", "--metrics-port", "0"]
@@ -74,7 +74,7 @@ class ServerProcess:
                 self._reader.join(2)   # let the last lines in before reporting them
                 raise self._fail(f"the server exited with code {self.proc.returncode} before it was listening")
             if time.monotonic() > deadline:
-                raise self._fail(f"the server printed no {pattern.pattern!r} line within {timeout:.0f}s")
+                raise self._fail(f"the server printed no {pattern.pattern!r} line within {timeout:g}s")
             time.sleep(0.05)
 
     def wait_serving(self, target: str, timeout: float) -> None:
@@ -91,7 +91,7 @@ class ServerProcess:
                 except Exception:  # noqa: BLE001 - not answering yet is what we are waiting out
                     pass
                 if time.monotonic() > deadline:
-                    raise self._fail(f"the server was not SERVING within {timeout:.0f}s")
+                    raise self._fail(f"the server was not SERVING within {timeout:g}s")
                 time.sleep(0.1)
 
     def sigterm(self) -> None:
@@ -101,7 +101,7 @@ class ServerProcess:
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise self._fail(f"the server did not exit within {timeout:.0f}s") from None
+            raise self._fail(f"the server did not exit within {timeout:g}s") from None
         self._reader.join(5)
         return code
 
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"completed, errors {result.metrics.errors}"
                                 + ("" if result.chaos is None else ", chaos check "
                                    + ("OK" if result.chaos.health and result.chaos.health.ok else "FAILED")))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps([result_json(r) for r in results], indent=2) + "\n", encoding="utf-8")
+        output_path(args.out).write_text(json.dumps([result_json(r) for r in results], indent=2) + "\n", encoding="utf-8")
 
         print(f"SIGTERM with {DRAIN_STREAMS} streams of {DRAIN_TOKENS} tokens in flight ...", flush=True)
         outcomes = asyncio.run(drain_under_load(target, server))

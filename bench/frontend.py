@@ -24,9 +24,9 @@ import multiprocessing
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from glmserve.bench.common.machine import machine_info
+from glmserve.bench.common.output import output_path
 from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
@@ -231,8 +231,7 @@ def run(args: argparse.Namespace) -> int:
     result = measure(args)
     print(result.table())
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+        output_path(args.out).write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     return 0
 
 

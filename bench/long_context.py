@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from glmserve.bench.common.output import output_path
 
 
 @dataclass
@@ -69,7 +70,7 @@ def measure(args: argparse.Namespace) -> LongContextResult:
         finish_reason=out[0].outputs[0].finish_reason)
     print(json.dumps(asdict(result), indent=2))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+        with open(output_path(args.out), "w", encoding="utf-8") as f:
             json.dump(asdict(result), f, indent=2)
     return result
 

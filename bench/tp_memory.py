@@ -20,6 +20,7 @@ from typing import Sequence
 
 from glmserve.engine.entrypoints.llm import LLM
 from glmserve.engine.distributed.memory import RankMemory, measure_rank_memory, resident_bytes
+from glmserve.bench.common.output import output_path
 
 MIB = 1024 * 1024
 # The KV cache is not what this measures: 16 blocks of 16 tokens keep it out of the picture.
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     results = [measure_in_child(args.model, n, args.dtype) for n in args.sizes]
     print(report(args.model, results))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+        with open(output_path(args.out), "w", encoding="utf-8") as f:
             json.dump({"model": args.model, "dtype": args.dtype,
                        "sizes": [dataclasses.asdict(r) for r in results]}, f, indent=2)
     return 0

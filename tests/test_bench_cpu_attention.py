@@ -12,7 +12,7 @@ from glmserve.kernels.cpu.availability import native_cpu_available
 
 @pytest.mark.skipif(not native_cpu_available(), reason="the native CPU kernels did not build here")
 def test_cpu_attention_benchmark_writes_every_point(tmp_path, capsys):
-    out = tmp_path / "cpu_attention.json"
+    out = tmp_path / "results" / "cpu_attention.json"   # a folder that does not exist yet: the benchmark makes it
     assert main(["cpu-attention", "--batch", "5", "--context", "1:70", "--heads", "4/2x32,6/6x20",
                  "--prefill-lens", "3,40", "--iterations", "2", "--out", str(out)]) == 0
     points = json.loads(out.read_text())["points"]
@@ -28,7 +28,7 @@ def test_cpu_attention_benchmark_writes_every_point(tmp_path, capsys):
 
 @pytest.mark.skipif(not native_cpu_available(), reason="the native CPU kernels did not build here")
 def test_cpu_attention_benchmark_in_bfloat16(tmp_path):
-    out = tmp_path / "cpu_attention_bf16.json"
+    out = tmp_path / "results" / "cpu_attention_bf16.json"   # a folder that does not exist yet: the benchmark makes it
     assert main(["cpu-attention", "--batch", "3", "--context", "1:40", "--heads", "4/2x32", "--prefill-lens", "9",
                  "--iterations", "1", "--dtype", "bfloat16", "--out", str(out)]) == 0
     points = json.loads(out.read_text())["points"]

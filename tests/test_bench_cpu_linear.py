@@ -11,7 +11,7 @@ from glmserve.engine.model import cpu_linear
 
 @pytest.mark.skipif(not cpu_linear.onednn_linear_supported(), reason="no working oneDNN linear in this torch")
 def test_cpu_linear_benchmark_writes_every_point(tmp_path, capsys):
-    out = tmp_path / "cpu_linear.json"
+    out = tmp_path / "results" / "cpu_linear.json"   # a folder that does not exist yet: the benchmark makes it
     assert main(["cpu-linear", "--shapes", "96x32,40x64", "--rows", "1,9", "--iterations", "2",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -25,7 +25,7 @@ def test_cpu_linear_benchmark_writes_every_point(tmp_path, capsys):
 
 @pytest.mark.skipif(not cpu_linear.onednn_bf16_packing_supported(), reason="oneDNN has no bf16 kernels here")
 def test_cpu_linear_benchmark_in_bfloat16(tmp_path):
-    out = tmp_path / "cpu_linear_bf16.json"
+    out = tmp_path / "results" / "cpu_linear_bf16.json"   # a folder that does not exist yet: the benchmark makes it
     assert main(["cpu-linear", "--shapes", "96x32", "--rows", "3", "--iterations", "1", "--dtype", "bfloat16",
                  "--out", str(out)]) == 0
     (point,) = json.loads(out.read_text())["points"]

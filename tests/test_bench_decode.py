@@ -10,7 +10,7 @@ from glmserve.bench.kernels.decode_throughput import main
 
 def test_decode_benchmark_smoke_on_cpu(tmp_path):
     pytest.importorskip("transformers")
-    out = tmp_path / "decode.json"
+    out = tmp_path / "results" / "decode.json"   # a folder that does not exist yet: the benchmark makes it
     assert main(["--device", "cpu", "--model", "glm-tiny", "--batch-sizes", "1,3", "--context", "40",
                  "--decode-steps", "3", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.subprocess
 
 
 def test_frontend_benchmark_runs_both_modes(tmp_path, capsys):
-    out = tmp_path / "frontend.json"
+    out = tmp_path / "results" / "frontend.json"   # a folder that does not exist yet: the benchmark makes it
     assert frontend.main(["--concurrency", "1,4", "--max-tokens", "4", "--prompt-len", "8", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {(r["mode"], r["concurrency"]): r for r in result["results"]}

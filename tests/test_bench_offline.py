@@ -20,7 +20,7 @@ def keep_torch_threads():
 
 
 def test_offline_benchmark_tiny(tmp_path, capsys):
-    out = tmp_path / "offline.json"
+    out = tmp_path / "results" / "offline.json"   # a folder that does not exist yet: the benchmark makes it
     rc = main(["offline", "--model", "glm-tiny", "--num-requests", "5", "--input-len", "3:40", "--output-len", "2:12",
                "--max-num-seqs", "2", "--hf-single-requests", "2", "--threads", "1", "--out", str(out)])
     assert rc == 0
@@ -44,7 +44,7 @@ def test_offline_benchmark_tiny(tmp_path, capsys):
 
 
 def test_skip_hf_runs_glmserve_only(tmp_path):
-    out = tmp_path / "offline.json"
+    out = tmp_path / "results" / "offline.json"   # a folder that does not exist yet: the benchmark makes it
     assert main(["offline", "--model", "glm-tiny", "--num-requests", "3", "--input-len", "4:8", "--output-len", "3",
                  "--skip-hf", "--out", str(out)]) == 0
     result = json.loads(out.read_text(encoding="utf-8"))
@@ -70,7 +70,7 @@ def test_bfloat16_runs_every_system_in_bfloat16(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(offline, "LLM", llm)
     monkeypatch.setattr(hf_baseline, "build_hf_model", hf_model)
-    out = tmp_path / "offline_bf16.json"
+    out = tmp_path / "results" / "offline_bf16.json"   # a folder that does not exist yet: the benchmark makes it
     assert main(["offline", "--model", "glm-tiny", "--num-requests", "3", "--input-len", "4:12", "--output-len", "3",
                  "--skip-hf-single", "--dtype", "bfloat16", "--out", str(out)]) == 0
     result = json.loads(out.read_text(encoding="utf-8"))
@@ -106,7 +106,7 @@ def test_rounds_recompute_their_prompts(tmp_path):
     import torch
 
     from glmserve.bench.cli import main
-    out = tmp_path / "rounds.json"
+    out = tmp_path / "results" / "rounds.json"   # a folder that does not exist yet: the benchmark makes it
     threads = torch.get_num_threads()
     try:
         assert main(["offline", "--model", "glm-tiny", "--num-requests", "4", "--input-len", "20:40",

@@ -119,7 +119,8 @@ def test_multiturn_sessions_grow_their_history_and_hit_the_prefix_cache(shared_s
 
 
 def test_cli_sharegpt_sweep_writes_json_csv_and_plot(shared_server, tmp_path, capsys):
-    out = {ext: tmp_path / f"result.{ext}" for ext in ("json", "csv", "png")}
+    # Folders that do not exist yet: the benchmark makes them.
+    out = {ext: tmp_path / "results" / ext / f"result.{ext}" for ext in ("json", "csv", "png")}
     code = cli.main(["serve", "--target", shared_server.target, "--dataset", "sharegpt", "--num-prompts", "6",
                      "--sharegpt-max-output-len", "8", "--request-rate", "20,inf", "--goodput", "ttft:60000",
                      "--no-progress", "--result-json", str(out["json"]), "--result-csv", str(out["csv"]),

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from glmserve.bench.common.machine import cpu_model_name
+from glmserve.bench.common.output import output_path
 
 
 def time_ms(fn: Callable[[], Any], iterations: int) -> float:
@@ -23,6 +24,6 @@ def time_ms(fn: Callable[[], Any], iterations: int) -> float:
 
 def write_points(path: str, points: list) -> None:
     """The measured points (dataclasses) with the CPU, thread count and torch version they were measured on."""
-    with open(path, "w", encoding="utf-8") as f:
+    with open(output_path(path), "w", encoding="utf-8") as f:
         json.dump({"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "points": [asdict(p) for p in points]}, f, indent=2)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from glmserve.bench.kernels.triton_kernels import detect_peak_gbps
+from glmserve.bench.common.output import output_path
 
 
 @dataclass
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
               f"(speedup {point.speedup_vs_hf}); CUDA graphs {point.graph_step_ms} ms/step "
               f"(x{point.graph_roofline_ratio} of roofline)", flush=True)
         if args.out:     # after every point: a run cut short by its time limit still leaves what it measured
-            with open(args.out, "w", encoding="utf-8") as f:
+            with open(output_path(args.out), "w", encoding="utf-8") as f:
                 json.dump(asdict(result), f, indent=2)
     return 0
 

@@ -15,6 +15,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from glmserve.bench.common.output import output_path
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 2, 128, 16   # ChatGLM3-6B attention, the engine's block size
 DTYPE = torch.bfloat16
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
               "prefill": [bench_prefill(*case) for case in PREFILL_CASES]}
     print_tables(result)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+        with open(output_path(args.out), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
         print(f"\nwrote {args.out}")
     return 0

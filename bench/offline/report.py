@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from glmserve.bench.common.machine import MachineInfo
+from glmserve.bench.common.output import output_path
 
 
 @dataclass
@@ -161,6 +162,6 @@ def write_results(path: str, results: Sequence[OfflineResult]) -> None:
     """One round: that round's JSON. Several: ``{"rounds": [...], "median_ratios": {...}}``."""
     data = results[0].to_json() if len(results) == 1 else {
         "rounds": [r.to_json() for r in results], "median_ratios": median_ratios(results)}
-    with open(path, "w", encoding="utf-8") as f:
+    with open(output_path(path), "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")

@@ -20,7 +20,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
@@ -34,6 +33,7 @@ from glmserve.bench.serve.metrics import compute_metrics, parse_slo
 from glmserve.bench.serve.report import RunResult, csv_text, result_json, run_table, sweep_table
 from glmserve.bench.serve.runner import Planned, run_plan
 from glmserve.bench.serve.server_stats import Counters, Peaks, figures, poll_peaks, scrape
+from glmserve.bench.common.output import output_path
 
 DATASETS = ("random", "sharegpt", "multiturn")
 API_KEY_ENV = "GLMSERVE_API_KEY"
@@ -150,10 +150,10 @@ def write_outputs(results: list[RunResult], json_path: str | None, csv_path: str
                   plot_path: str | None) -> None:
     if json_path:
         data = [result_json(r) for r in results]
-        Path(json_path).write_text(json.dumps(data[0] if len(data) == 1 else data, indent=2) + "\n",
+        output_path(json_path).write_text(json.dumps(data[0] if len(data) == 1 else data, indent=2) + "\n",
                                    encoding="utf-8")
     if csv_path:
-        Path(csv_path).write_text(csv_text(results), encoding="utf-8")
+        output_path(csv_path).write_text(csv_text(results), encoding="utf-8")
     if plot_path:
         from glmserve.bench.serve.plot import plot_latencies
         plot_latencies(results, plot_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from glmserve.bench.serve.report import LATENCIES, RunResult
+from glmserve.bench.common.output import output_path
 
 PERCENTILES = (("median", "p50"), ("p90", "p90"), ("p99", "p99"))
 
@@ -33,5 +34,5 @@ def plot_latencies(results: list[RunResult], path: str) -> None:
         ax.legend(fontsize=8)
     dataset = results[0].dataset if results else ""
     fig.suptitle(f"glmserve latency vs load ({dataset})")
-    fig.savefig(path, dpi=120)
+    fig.savefig(output_path(path), dpi=120)
     plt.close(fig)
