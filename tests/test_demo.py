@@ -33,7 +33,10 @@ def test_a_server_that_dies_is_reported_with_its_last_log_lines():
 def test_a_silent_server_times_out():
     server = fake_server("import time; print('still loading', flush=True); time.sleep(60)")
     try:
-        with pytest.raises(ServerDied, match=r"(?s)no .* line within 0s.*\| still loading"):
+        # Wait for the child's line first (an event: 30 s only guards against a hang), so that the short timeout
+        # below races nothing: the child is sure to have printed, and sure never to print the serving line.
+        server.wait_for_line(re.compile("still loading"), timeout=30)
+        with pytest.raises(ServerDied, match=r"(?s)no .* line within 0.3s.*\| still loading"):
             server.wait_for_line(demo.SERVING_LINE, timeout=0.3)
     finally:
         server.kill()
@@ -52,7 +55,7 @@ def test_a_server_that_never_serves_times_out_on_health():
 
 
 def test_miniature_demo_runs_drains_and_exits_zero(tmp_path, capsys):
-    out = tmp_path / "demo.json"
+    out = tmp_path / "results" / "demo.json"   # a folder that does not exist yet: the benchmark makes it
     assert demo.main(["--num-prompts", "16", "--rate", "16", "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     for title in ("random @ 16 req/s", "multiturn @ 32 req/s", "random @ 32 req/s", "Chaos: 2 requests"):

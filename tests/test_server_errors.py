@@ -1,6 +1,9 @@
 """Status codes: bad input, duplicates, deadlines, cancellation, engine faults, and that blocks are always freed."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import grpc
 import pytest
 
@@ -8,7 +11,7 @@ from glmserve.proto import generation_pb2 as pb
 from glmserve.proto import generation_pb2_grpc as pb_grpc
 from glmserve.engine.entrypoints.grpc.client import collect
 
-from .server_fixtures import client, session_server, shared_server, wait_idle  # noqa: F401 (fixtures)
+from .server_fixtures import client, parse_metrics, session_server, shared_server, wait_idle  # noqa: F401
 
 LONG = dict(max_tokens=3000, ignore_eos=True, temperature=0.0)   # runs for seconds on the tiny model
 
@@ -101,14 +104,60 @@ def test_duplicate_in_flight_request_id(client):
     assert list(client.generate("hello", request_id="dup", max_tokens=2))[-1].finish_reason == "length"
 
 
-def test_deadline_aborts_and_frees_blocks(client):
-    stream = client.generate("hello", timeout=0.5, **LONG)
-    first = next(stream)
-    assert first.token_ids
-    assert client.load().num_running == 1
-    err = rpc_error(lambda: list(stream))
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_idle(client, timeout=5)
+@contextmanager
+def engine_held_after_one_step(engine):
+    """While active, the engine's first model step runs; the next one waits until ``release`` is set (or a hang guard
+    of 60 s passes). A request admitted by that first step has its first token and its KV blocks, and keeps both."""
+    runner, original = engine.runner, engine.runner.execute
+    stepped, release = threading.Event(), threading.Event()
+
+    def execute_once_then_hold(*args, **kwargs):
+        if stepped.is_set():
+            release.wait(60)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            stepped.set()
+
+    runner.execute = execute_once_then_hold
+    try:
+        yield release
+    finally:
+        release.set()
+        runner.execute = original
+
+
+def abort_count(server) -> float:
+    return parse_metrics(server.metrics_text()).get(
+        ("glmserve_request_success_total", (("finish_reason", "abort"),)), 0.0)
+
+
+def test_deadline_aborts_and_frees_blocks(client, shared_server):
+    # The deadline must pass while the request runs with its KV blocks. Rather than race a short deadline against
+    # the first token on a busy machine, the engine is held after the step that produced the first token: the
+    # request cannot finish, so the deadline passes while it runs, whatever the machine's speed. Only the first
+    # token must beat the deadline; a machine too stalled for that gets a longer one.
+    aborts_before = abort_count(shared_server)
+    for deadline_s in (1.0, 4.0, 16.0):
+        with engine_held_after_one_step(shared_server.engine) as release:
+            stream = client.generate("hello", timeout=deadline_s, **LONG)
+            try:
+                first = next(stream)
+            except grpc.RpcError as err:    # the deadline passed before the first token: retry with a longer one
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                release.set()
+                wait_idle(client)
+                aborts_before = abort_count(shared_server)
+                continue
+            assert first.token_ids
+            load = client.load()           # GetLoad reads the counters without waiting for a step
+            assert load.num_running == 1 and load.num_free_blocks < load.num_total_blocks
+            err = rpc_error(lambda: list(stream))
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_idle(client)                  # the engine steps on: the request is aborted and its blocks freed
+        assert abort_count(shared_server) == aborts_before + 1
+        return
+    pytest.fail("no first token within 16 s on the tiny model")
 
 
 def test_deadline_passed_before_start(shared_server):
