@@ -523,6 +523,7 @@ def test_dockerfile_runs_glmserve_serve_as_non_root():
 def test_dockerfile_default_cmd_is_a_valid_serve_command():
     cmd = json.loads(stage_values(final_stage(dockerfile_instructions()), "CMD")[-1])
     assert flag(cmd, "--model") == "glm-tiny", "the image serves the embedded model without a volume"
+    assert flag(cmd, "--host") == "0.0.0.0", "the server's own default is loopback: a container must say 0.0.0.0"
     assert int(flag(cmd, "--port")) == GRPC_PORT and int(flag(cmd, "--metrics-port")) == METRICS_PORT
     parse_serve_args(cmd)
 

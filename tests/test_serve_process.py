@@ -120,3 +120,23 @@ def test_a_dead_engine_core_is_visible_not_hidden_behind_a_healthy_endpoint(serv
             list(c.generate("after", max_tokens=2))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert proc.proc.poll() is None     # the frontend stays up, answering health, until it is restarted
+
+
+def test_host_defaults_to_loopback_as_server_options_define_it(monkeypatch, capsys):
+    """One default for the listen address: ServerOptions' 127.0.0.1, which `serve` takes when --host is absent and
+    states in --help (the image and the Kubernetes manifests pass --host 0.0.0.0 themselves)."""
+    from glmserve.engine.entrypoints.cli import serve as serve_command
+    from glmserve.engine.entrypoints.grpc.server import ServerOptions
+    started = []
+
+    async def record(config, options):
+        started.append(options)
+        return 0
+
+    monkeypatch.setattr(serve_command, "serve", record)
+    assert cli_main(["serve", "--model", "glm-tiny", "--port", "0", "--metrics-port", "-1"]) == 0
+    assert cli_main(["serve", "--model", "glm-tiny", "--host", "0.0.0.0", "--port", "0", "--metrics-port", "-1"]) == 0
+    assert [o.host for o in started] == [ServerOptions().host, "0.0.0.0"] and ServerOptions().host == "127.0.0.1"
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--help"])
+    assert f"default: {ServerOptions().host}" in " ".join(capsys.readouterr().out.split())

@@ -31,7 +31,10 @@ def add_serve_parser(sub) -> None:
                                    "with Prometheus metrics.")
     add_engine_arguments(p)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="0.0.0.0", help="address for gRPC and metrics (default: %(default)s)")
+    # No default here: ServerOptions.host (127.0.0.1) is the one definition, applied in run_serve.
+    g.add_argument("--host", default=None,
+                   help="address for gRPC and metrics (default: 127.0.0.1, this machine only; 0.0.0.0 listens on "
+                        "every interface, as the container image and the Kubernetes manifests ask)")
     g.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
     g.add_argument("--metrics-port", type=int, default=9090,
                    help="Prometheus /metrics port; 0 picks a free one, -1 turns it off (default: %(default)s)")
@@ -56,8 +59,9 @@ def run_serve(args: argparse.Namespace) -> int:
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"TLS file {path} does not exist")
+    host = {} if args.host is None else {"host": args.host}
     options = ServerOptions(
-        host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        **host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         drain_timeout=args.drain_timeout, max_waiting_requests=args.max_waiting_requests, api_key=args.api_key,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes)
     config = engine_config_from_args(args)
