@@ -43,12 +43,24 @@ def check_cpu_backend(device: torch.device | str) -> None:
                           f"compiler, or {NATIVE_SWITCH}=0): use 'torch' or 'auto'")
 
 
+def check_triton_backend() -> None:
+    """Why attention_backend 'triton' cannot run here, as a ConfigError: glmserve does not require triton (the CPU
+    never runs it, and CUDA builds of torch install the release they were built with)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ConfigError("attention_backend 'triton' needs the triton package, which CUDA builds of torch "
+                          "install (pip install triton to run its kernels elsewhere)") from None
+
+
 def check_backend(name: str, device: torch.device | str) -> str:
     """The concrete backend ``name`` means on ``device``, or a ConfigError saying why it cannot run there. Cheap
     enough to call before a model loads (the native library is built and checked once per process)."""
     name = resolve_backend_name(name, device)
     if name == "cpu":
         check_cpu_backend(device)
+    if name == "triton":
+        check_triton_backend()
     return name
 
 
