@@ -1,11 +1,11 @@
 # The two set-up commands of the README: `make demo` (the serving demo) and `make test` (the test suite).
-# Both install what they need first; the CPU build of torch is pinned because a plain `torch` requirement
-# would pull a multi-GB CUDA build.
+# Both install what they need first, with the Python that is active (in a virtual environment, `python3` is its
+# own); the CPU build of torch is pinned because a plain `torch` requirement would pull a multi-GB CUDA build.
 PYTHON ?= python3
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench-offline proto gpu-check
+.PHONY: install test test-fast demo bench-offline proto gpu-check image-check
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
@@ -30,3 +30,8 @@ proto:
 # On a GPU machine that already has torch and triton (installs nothing else).
 gpu-check:
 	bash bench/gpu_check.sh $${OUT:-results}
+
+# Builds deploy/Dockerfile (CPU), runs it as the Kubernetes manifests do and checks that it serves and drains.
+# Needs a container builder and a runtime (see deploy/README.md); not part of `make test`.
+image-check: install
+	PYTHON="$(PYTHON)" TORCH_PIN="$(TORCH_CPU)" bash deploy/image_check.sh

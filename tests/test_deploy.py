@@ -13,6 +13,7 @@ import ast
 import contextlib
 import functools
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import posixpath
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -525,6 +527,84 @@ def test_dockerfile_installs_the_package_without_weights():
     # Every folder setup.py installs, and the packaging files, reach the build stage.
     assert set(setup_package_dirs().values()) | {"setup.py", "pyproject.toml", "README.md"} <= set(copied)
     assert any(k == "RUN" and re.search(r"pip install( --\S+)* \.(\s|$)", rest) for k, rest in instructions)
+
+
+def setup_requirements() -> tuple[list[str], dict[str, list[str]]]:
+    """install_requires and extras_require of setup.py, read without running it."""
+    tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup")
+    keywords = {k.arg: k.value for k in call.keywords}
+    grpc_deps = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "GRPC")
+    install = keywords["install_requires"]
+    listed = install.left if isinstance(install, ast.BinOp) else install    # [...] + GRPC
+    return ast.literal_eval(listed) + ast.literal_eval(grpc_deps), ast.literal_eval(keywords["extras_require"])
+
+
+def requirement_name(requirement: str) -> str:
+    return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+
+
+def test_cpu_image_gets_no_triton():
+    """The CPU image is lean: glmserve does not require triton (the CPU never runs it; CUDA builds of torch bring
+    their own, so the GPU image keeps it), and no RUN of the Dockerfile installs it. The test extra keeps it for the
+    interpreter tests. (`make image-check` looks inside the built image too.)"""
+    install, extras = setup_requirements()
+    assert "triton" not in map(requirement_name, install)
+    assert "triton" in map(requirement_name, extras["test"])
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "RUN":
+            for command in re.split(r"&&|;", rest):
+                assert not ("pip install" in command and "triton" in command), rest
+
+
+def test_dockerfile_torch_range_matches_setup_py():
+    install, _ = setup_requirements()
+    torch_range = next(r for r in install if requirement_name(r) == "torch").removeprefix("torch").replace(" ", "")
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    default = re.search(r'^ARG TORCH_VERSION="([^"]+)"', text, re.M).group(1)
+    assert default == torch_range
+    assert re.findall(r"setup\.py allows (\S+?)\)", text) == [torch_range]
+
+
+def load_image_check():
+    spec = importlib.util.spec_from_file_location("glmserve_image_check", DEPLOY / "image_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_check_runs_the_container_as_the_manifests_do():
+    """deploy/image_check.py (`make image-check`) translates the cpu-demo pod into `docker run` flags: the same
+    args, a non-root numeric user, a read-only root with a writable volume for each emptyDir, /dev/shm sized,
+    capabilities dropped, no privilege escalation, the CPU and memory limits, ports on loopback only."""
+    image_check = load_image_check()
+    objects = render(K8S / "overlays" / "cpu-demo")
+    spec = image_check.run_spec(objects)
+    flags = image_check.docker_run_flags(spec)
+    pairs = list(zip(flags, flags[1:]))
+    container = server_container(objects)
+    pod = find(objects, "Deployment", "glmserve")["spec"]["template"]["spec"]
+    assert spec.args == server_args(objects)
+    assert ("--user", f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}") in pairs
+    assert spec.user.split(":")[0] == str(dockerfile_user()) != "0"
+    assert "--read-only" in flags and ("--cap-drop", "ALL") in pairs
+    assert ("--security-opt", "no-new-privileges") in pairs
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container["volumeMounts"]:
+        if mount["mountPath"] == "/dev/shm":
+            assert ("--shm-size", str(2 ** 30)) in pairs and volumes[mount["name"]]["emptyDir"]["sizeLimit"] == "1Gi"
+        else:
+            assert ("--mount", f"type=volume,destination={mount['mountPath']}") in pairs
+    limits = container["resources"]["limits"]
+    assert ("--cpus", limits["cpu"]) in pairs and limits["memory"] == "4Gi" and ("--memory", str(4 * 2 ** 30)) in pairs
+    env = dict(value.split("=", 1) for flag, value in pairs if flag == "--env")
+    for var in CACHE_ENV:
+        assert env[var] == container_env(objects, container)[var]
+    assert env["OMP_NUM_THREADS"] == limits["cpu"] and "GLMSERVE_API_KEY" not in env
+    published = [value for flag, value in pairs if flag == "--publish"]
+    assert sorted(published) == sorted(f"127.0.0.1::{p}" for p in (GRPC_PORT, METRICS_PORT))
+    assert image_check.parse_quantity("500m") == 0.5 and image_check.parse_quantity("2Gi") == 2 * 2 ** 30
 
 
 # ---- the build context -----------------------------------------------------------------------------------------
