@@ -566,8 +566,8 @@ def test_dockerfile_torch_range_matches_setup_py():
     assert re.findall(r"setup\.py allows (\S+?)\)", text) == [torch_range]
 
 
-def load_image_check():
-    spec = importlib.util.spec_from_file_location("glmserve_image_check", DEPLOY / "image_check.py")
+def load_pod_to_docker():
+    spec = importlib.util.spec_from_file_location("glmserve_pod_to_docker", DEPLOY / "pod_to_docker.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module     # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
@@ -575,13 +575,13 @@ def load_image_check():
 
 
 def test_image_check_runs_the_container_as_the_manifests_do():
-    """deploy/image_check.py (`make image-check`) translates the cpu-demo pod into `docker run` flags: the same
+    """deploy/pod_to_docker.py (for `make image-check`) translates the cpu-demo pod into `docker run` flags: the same
     args, a non-root numeric user, a read-only root with a writable volume for each emptyDir, /dev/shm sized,
     capabilities dropped, no privilege escalation, the CPU and memory limits, ports on loopback only."""
-    image_check = load_image_check()
+    pod_to_docker = load_pod_to_docker()
     objects = render(K8S / "overlays" / "cpu-demo")
-    spec = image_check.run_spec(objects)
-    flags = image_check.docker_run_flags(spec)
+    spec = pod_to_docker.run_spec(objects)
+    flags = pod_to_docker.docker_run_flags(spec)
     pairs = list(zip(flags, flags[1:]))
     container = server_container(objects)
     pod = find(objects, "Deployment", "glmserve")["spec"]["template"]["spec"]
@@ -604,7 +604,7 @@ def test_image_check_runs_the_container_as_the_manifests_do():
     assert env["OMP_NUM_THREADS"] == limits["cpu"] and "GLMSERVE_API_KEY" not in env
     published = [value for flag, value in pairs if flag == "--publish"]
     assert sorted(published) == sorted(f"127.0.0.1::{p}" for p in (GRPC_PORT, METRICS_PORT))
-    assert image_check.parse_quantity("500m") == 0.5 and image_check.parse_quantity("2Gi") == 2 * 2 ** 30
+    assert pod_to_docker.parse_quantity("500m") == 0.5 and pod_to_docker.parse_quantity("2Gi") == 2 * 2 ** 30
 
 
 # ---- the build context -----------------------------------------------------------------------------------------
