@@ -49,7 +49,7 @@ def kustomize_unusable() -> str | None:
     """Why `kubectl kustomize` cannot render the overlays here, or None when it can."""
     if shutil.which("kubectl") is None:
         return ("kubectl is not installed: the overlays are rendered with `kubectl kustomize` "
-                "(Debian: apt-get install kubectl; .ci/run installs it)")
+                "(kubectl 1.21 or newer; .ci/run tries `apt-get install kubectl` where it is missing)")
     result = subprocess.run(["kubectl", "version", "--client", "-o", "json"], capture_output=True, text=True,
                             timeout=60)
     if result.returncode != 0:
