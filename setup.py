@@ -55,6 +55,7 @@ setup(
             "pytest-timeout>=2.2",
             "triton>=3.0",   # the Triton kernel tests run in its interpreter on the CPU
             "transformers>=4.46",
+            "peft>=0.13",   # the independent reference of the LoRA tests (PeftModel)
             "grpcio-tools==1.85.1",
             "kubernetes-validate>=1.28",
             "pyyaml>=6",

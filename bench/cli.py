@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "frontend": Subcommand("glmserve.bench.frontend", "the gRPC frontend's own cost: streams through gRPC vs in-process"),
     "serve": Subcommand("glmserve.bench.serve.command", "load-test a running gRPC server (latency, throughput, goodput)"),
     "long-context": Subcommand("glmserve.bench.long_context", "a 32768-token prompt on the CPU: time and peak memory"),
+    "lora": Subcommand("glmserve.bench.lora",
+                       "a batch spread over LoRA adapters against the base model; memory per adapter and prefix"),
     "tp-memory": Subcommand("glmserve.bench.tp_memory", "per-rank weight memory under tensor parallelism (CPU, gloo)"),
     "cpu-linear": Subcommand("glmserve.bench.kernels.cpu_linear",
                              "CPU fp32 linears: F.linear (MKL) against oneDNN, as stored and prepacked"),

@@ -65,6 +65,21 @@ class GenerationStub:
                 request_serializer=generation__pb2.LoadRequest.SerializeToString,
                 response_deserializer=generation__pb2.Load.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/glmserve.v1.Generation/LoadAdapter',
+                request_serializer=generation__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=generation__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/glmserve.v1.Generation/UnloadAdapter',
+                request_serializer=generation__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=generation__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/glmserve.v1.Generation/ListAdapters',
+                request_serializer=generation__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=generation__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -115,6 +130,30 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Load a fine-tune of the served model under a name that requests then put in their `adapter` field: a LoRA
+        adapter in PEFT's format (adapter_config.json) or a ChatGLM3 P-tuning v2 checkpoint (config.json with
+        pre_seq_len), told apart by the folder's files. A malformed one fails with INVALID_ARGUMENT naming the file and
+        tensor, a taken name with ALREADY_EXISTS; the server keeps serving either way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Unload a fine-tune. Refused with FAILED_PRECONDITION while requests (waiting or running) use it: abort them or
+        let them finish, then call again. NOT_FOUND for a name that is not loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +186,21 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=generation__pb2.LoadRequest.FromString,
                     response_serializer=generation__pb2.Load.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=generation__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=generation__pb2.AdapterInfo.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=generation__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=generation__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=generation__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=generation__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +366,87 @@ class Generation:
             '/glmserve.v1.Generation/GetLoad',
             generation__pb2.LoadRequest.SerializeToString,
             generation__pb2.Load.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/glmserve.v1.Generation/LoadAdapter',
+            generation__pb2.LoadAdapterRequest.SerializeToString,
+            generation__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/glmserve.v1.Generation/UnloadAdapter',
+            generation__pb2.UnloadAdapterRequest.SerializeToString,
+            generation__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/glmserve.v1.Generation/ListAdapters',
+            generation__pb2.ListAdaptersRequest.SerializeToString,
+            generation__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

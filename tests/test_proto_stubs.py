@@ -43,5 +43,6 @@ def test_the_api_is_versioned():
     from glmserve.proto import generation_pb2 as pb
     assert pb.DESCRIPTOR.package == "glmserve.v1"
     assert set(pb.DESCRIPTOR.services_by_name["Generation"].methods_by_name) == {
-        "Generate", "Chat", "Tokenize", "Abort", "GetModelInfo", "GetLoad"}
+        "Generate", "Chat", "Tokenize", "Abort", "GetModelInfo", "GetLoad", "LoadAdapter", "UnloadAdapter",
+        "ListAdapters"}
     assert Path(pb.__file__).with_name("generation.proto").is_file()

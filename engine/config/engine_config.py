@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from glmserve.engine.config.errors import ConfigError
+from glmserve.engine.config.lora_config import LoraConfig
 
 LOAD_FORMATS = ("auto", "safetensors", "bin", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -57,6 +58,7 @@ class EngineConfig:
     cuda_graphs: bool = False               # capture decode steps as CUDA graphs (CUDA, tensor_parallel_size 1)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)                 # fine-tunes (config/lora_config.py)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "bin", "dummy"):

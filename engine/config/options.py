@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from glmserve.engine.config.engine_config import (ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, CacheConfig,
                                                   EngineConfig, SchedulerConfig)
+from glmserve.engine.config.lora_config import LoraConfig
 from glmserve.engine.config.model_config import preset_names
 
-SECTIONS = {None: EngineConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+SECTIONS = {None: EngineConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoraConfig}
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class EngineOption:
     help: str
     choices: tuple[str, ...] | None = None
     negative_flag: str | None = None        # a boolean that defaults to on is turned off with this flag
+    flag: str | None = None                 # a repeatable NAME=PATH flag (a list of (name, path) pairs)
 
     @property
     def field(self) -> dataclasses.Field:
@@ -66,6 +68,13 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption("enable_chunked_prefill", "scheduler", "split long prompts over several steps",
                  negative_flag="--no-chunked-prefill"),
     EngineOption("max_model_len", "scheduler", "longest prompt + output (default: the model's seq_length)"),
+    EngineOption("max_loras", "lora", "LoRA adapters resident and running at once; more loaded ones take turns "
+                 "(least recently used slot first)"),
+    EngineOption("max_lora_rank", "lora", "the largest LoRA rank accepted (the size of each resident slot)"),
+    EngineOption("lora_adapters", "lora", "load a PEFT LoRA adapter folder under NAME at start-up (repeatable)",
+                 flag="--lora"),
+    EngineOption("ptuning_prefixes", "lora", "load a ChatGLM3 P-tuning v2 checkpoint folder under NAME at start-up "
+                 "(repeatable)", flag="--ptuning"),
 )
 OPTION_NAMES = frozenset(o.name for o in ENGINE_OPTIONS)
 
@@ -75,17 +84,21 @@ def build_engine_config(**values) -> EngineConfig:
     unknown = sorted(values.keys() - OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown engine option(s): {', '.join(unknown)} (known: {', '.join(sorted(OPTION_NAMES))})")
-    sections: dict[str | None, dict] = {None: {}, "cache": {}, "scheduler": {}}
+    sections: dict[str | None, dict] = {None: {}, "cache": {}, "scheduler": {}, "lora": {}}
     for option in ENGINE_OPTIONS:
         if option.name in values:
             sections[option.section][option.name] = values[option.name]
     return EngineConfig(**sections[None], cache=CacheConfig(**sections["cache"]),
-                        scheduler=SchedulerConfig(**sections["scheduler"]))
+                        scheduler=SchedulerConfig(**sections["scheduler"]), lora=LoraConfig(**sections["lora"]))
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and engine")
     for option in ENGINE_OPTIONS:
+        if option.flag is not None:
+            group.add_argument(option.flag, dest=option.name, action="append", default=[], metavar="NAME=PATH",
+                               type=_name_and_path, help=option.help)
+            continue
         flag = "--" + option.name.replace("_", "-")
         value_type = option.value_type
         if value_type is bool:
@@ -103,3 +116,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return build_engine_config(**{o.name: getattr(args, o.name) for o in ENGINE_OPTIONS})
+
+
+def _name_and_path(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path

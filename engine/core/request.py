@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmserve.engine.core.adapters import AdapterBinding
 from glmserve.engine.core.sampling_params import SamplingParams
 
 # One sequence of the engine: (the client's request id, which of its n samples). Samples are tracked by their
@@ -47,6 +48,7 @@ class Request:
     priority: int = 0                      # lower runs first (FCFS within a priority)
     arrival_time: float = field(default_factory=time.monotonic)
     index: int = 0                         # which of the request's n samples this is
+    adapter: AdapterBinding | None = None  # the fine-tune (LoRA or P-tuning) it runs under; None: the base model
 
     def __post_init__(self) -> None:
         self.key: RequestKey = (self.request_id, self.index)

@@ -5,6 +5,10 @@ requests go first (decodes before prefill chunks, so a long prompt never stalls 
 waiting ones in (priority, arrival) order. When the KV pool runs dry, the latest running request is preempted by
 recompute (its blocks freed, its computed count reset) and nothing new is admitted that step.
 
+LoRA: at most ``max_loras`` distinct adapters run at once (the model runner holds that many resident). A waiting
+request whose adapter would be one too many is passed over until one of the running adapters has no request left;
+requests behind it are still admitted.
+
 The scheduler returns data; it never calls the model.
 """
 from __future__ import annotations
@@ -41,8 +45,9 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
-                 eos_token_id: int):
+                 eos_token_id: int, max_loras: int | None = None):
         self.config = config
+        self.max_loras = max_loras
         self.eos_token_id = eos_token_id
         self.block_manager = block_manager
         self.max_model_len = max_model_len
@@ -117,11 +122,21 @@ class Scheduler:
                 request.times.first_scheduled = now
         return batch
 
+    def running_lora_adapters(self) -> set[str]:
+        return {r.adapter.name for r in self.running if r.adapter is not None and r.adapter.is_lora}
+
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
+        loras = self.running_lora_adapters()
+        passed_over = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0][2]
+            adapter = request.adapter
+            if (adapter is not None and adapter.is_lora and self.max_loras is not None
+                    and adapter.name not in loras and len(loras) >= self.max_loras):
+                passed_over.append(heapq.heappop(self.waiting))
+                continue
             cached = self.block_manager.find_cached_prefix(request)
-            num_cached = len(cached) * self.block_manager.block_size
+            num_cached = self.block_manager.cached_tokens(request, cached)
             remaining = request.num_tokens - num_cached
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
@@ -138,6 +153,10 @@ class Scheduler:
             batch.requests.append(request)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
+            if adapter is not None and adapter.is_lora:
+                loras.add(adapter.name)
+        for entry in passed_over:
+            heapq.heappush(self.waiting, entry)
         return budget
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:

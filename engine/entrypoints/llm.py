@@ -17,6 +17,7 @@ from glmserve.engine.core.outputs import RequestOutput
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.entrypoints.chat import ChatTemplate
 from glmserve.engine.runtime.engine_core import EngineCore
+from glmserve.engine.lora.manager import AdapterInfo
 from glmserve.engine.runtime.engine_info import EngineStats
 from glmserve.engine.text.chat_format import ChatMessage, messages_from_json
 
@@ -33,8 +34,11 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
-        """One output per prompt, in order. Text prompts get ChatGLM's ``[gMASK] sop`` prefix."""
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                 adapter: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """One output per prompt, in order. Text prompts get ChatGLM's ``[gMASK] sop`` prefix. ``adapter``: a loaded
+        fine-tune (``load_adapter``, or the ``lora_adapters`` / ``ptuning_prefixes`` options) for every prompt, or one
+        per prompt (None: the base model)."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts or prompt_token_ids")
         if prompts is not None:
@@ -42,7 +46,8 @@ class LLM:
             token_lists = [self.tokenizer.encode(p) for p in prompts]
         else:
             token_lists = [list(p) for p in prompt_token_ids]
-        return self._run(token_lists, _broadcast(sampling_params, len(token_lists)))
+        adapters = _broadcast_adapter(adapter, len(token_lists))
+        return self._run(token_lists, _broadcast(sampling_params, len(token_lists)), adapters)
 
     def chat(self, messages: Sequence[ChatMessage | dict] | Sequence[Sequence[ChatMessage | dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -59,6 +64,13 @@ class LLM:
                 self.chat_template.finish(sample, result.request_id)
         return results
 
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load a LoRA adapter (PEFT folder) or a P-tuning v2 checkpoint under ``name``."""
+        return self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
@@ -66,12 +78,13 @@ class LLM:
         """Forget every cached prefix (blocks in use keep theirs), e.g. between benchmark rounds."""
         self.engine.block_manager.reset_prefix_cache()
 
-    def _run(self, token_lists: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+    def _run(self, token_lists: list[list[int]], params: list[SamplingParams],
+             adapters: list[str | None] | None = None) -> list[RequestOutput]:
         ids = []
         try:
-            for tokens, p in zip(token_lists, params):
+            for tokens, p, adapter in zip(token_lists, params, adapters or [None] * len(token_lists)):
                 request_id = f"offline-{next(self._ids)}"
-                self.engine.add_request(request_id, tokens, p)
+                self.engine.add_request(request_id, tokens, p, adapter=adapter)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:   # leave nothing half-queued behind a bad request
@@ -95,6 +108,15 @@ def _broadcast(sampling_params, count: int) -> list[SamplingParams]:
     if len(params) != count:
         raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
     return params
+
+
+def _broadcast_adapter(adapter, count: int) -> list[str | None]:
+    if adapter is None or isinstance(adapter, str):
+        return [adapter] * count
+    adapters = list(adapter)
+    if len(adapters) != count:
+        raise ValueError(f"got {len(adapters)} adapters for {count} prompts")
+    return adapters
 
 
 def _as_messages(conversation) -> list[ChatMessage]:

@@ -8,6 +8,8 @@ The names and their vLLM equivalents are listed in the README (section Metrics).
 """
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from glmserve.engine.core.outputs import RequestOutput
@@ -56,6 +58,14 @@ class ServerMetrics:
                                      buckets=TOKEN_BUCKETS, registry=r)
         self.grpc_requests = Counter("glmserve_grpc_requests", "gRPC calls by method and status code",
                                      ["method", "code"], registry=r)
+        # The Gateway API Inference Extension's LoRA affinity reads this shape (vLLM's vllm:lora_requests_info):
+        # adapter names comma-separated in labels, the value the time of the last update. Only the current label
+        # set is kept, so the series with the newest value is the only one.
+        self.lora_info = Gauge("glmserve_lora_requests_info", "LoRA adapters with running and waiting requests, and "
+                               "how many may run at once (value: Unix time of the last update)",
+                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
+        self._lora_labels: tuple[str, str, str] | None = None
+        self._max_lora = 0
         self._last_token_time: dict[tuple[str, int], float] = {}
         self._num_generated: dict[tuple[str, int], int] = {}
         self._totals = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
@@ -69,6 +79,8 @@ class ServerMetrics:
         self.cache_config_info.info({"block_size": str(info.block_size), "num_kv_blocks": str(info.num_kv_blocks),
                                      "enable_prefix_caching": str(info.enable_prefix_caching).lower()})
         self._totals = {name: getattr(stats, name) for name in self._totals}
+        self._max_lora = info.max_loras
+        self._update_lora(stats)
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on a daemon thread; returns the bound port (``port`` 0 picks a free one)."""
@@ -97,9 +109,17 @@ class ServerMetrics:
             self._totals[name] = getattr(stats, name)
         if step.num_step_tokens:
             self.step_tokens.observe(step.num_step_tokens)
+        self._update_lora(stats)
         for out in step.outputs:
             for sample in out.outputs:
                 self._observe_sample(out, sample, step.step_time)
+
+    def _update_lora(self, stats: EngineStats) -> None:
+        labels = (str(self._max_lora), ",".join(stats.running_lora_adapters), ",".join(stats.waiting_lora_adapters))
+        if self._lora_labels is not None and labels != self._lora_labels:
+            self.lora_info.remove(*self._lora_labels)
+        self._lora_labels = labels
+        self.lora_info.labels(*labels).set(time.time())
 
     def _observe_sample(self, out: RequestOutput, sample, now: float) -> None:
         key = (out.request_id, sample.index)

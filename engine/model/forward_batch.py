@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glmserve.engine.attention.metadata import AttentionMetadata
+from glmserve.engine.model.lora_mapping import LoraMapping
 
 
 @dataclass
 class ForwardBatch:
     attention: AttentionMetadata     # how the pass's T tokens map onto the paged KV cache
+    lora: LoraMapping | None = None  # each token's LoRA adapter slot (None: no token uses one)

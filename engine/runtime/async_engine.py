@@ -9,6 +9,7 @@ loop and step.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from glmserve.engine.core.request_validator import validate_request
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.runtime.core_client import EngineCoreClient
 from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
-from glmserve.engine.runtime.messages import (AbortRequest, AddRequest, EngineFailed, Event, RequestFailed, StepDone,
-                                              StepFailed)
+from glmserve.engine.core.adapters import UnknownAdapterError
+from glmserve.engine.lora.manager import AdapterInfo
+from glmserve.engine.runtime.messages import (AbortRequest, AdapterCallDone, AddRequest, EngineFailed, Event,
+                                              LoadAdapter, RequestFailed, StepDone, StepFailed, UnloadAdapter)
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,10 @@ class AsyncEngine:
         self._adds_applied = 0
         self._stats: EngineStats = client.initial_stats
         self._dead: str | None = None
+        # The engine core's fine-tunes as of its latest answer (a request naming another is NOT_FOUND at once).
+        self.adapters: dict[str, AdapterInfo] = {info.name: info for info in self.info.adapters}
+        self._adapter_calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._call_ids = itertools.count()
         client.start(self._on_event)
 
     # ---- public API -------------------------------------------------------------------------------------------
@@ -58,7 +65,7 @@ class AsyncEngine:
         return self._dead is not None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the request's deltas; the last one of each sample has ``finished`` set. Leaving the iteration
         early (client cancel, deadline) aborts the request and frees its blocks at once.
 
@@ -72,10 +79,12 @@ class AsyncEngine:
         if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
         prompt, effective = validate_request(prompt_token_ids, params, self.info.limits)
+        if adapter is not None and adapter not in self.adapters:   # the engine core checks again
+            raise UnknownAdapterError(adapter, list(self.adapters))
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._adds_sent += 1
-        self.client.send(AddRequest(request_id, prompt, params, priority, time.monotonic()))
+        self.client.send(AddRequest(request_id, prompt, params, priority, time.monotonic(), adapter))
         return self._iterate(request_id, stream, effective.n)
 
     def abort(self, request_id: str) -> bool:
@@ -83,6 +92,25 @@ class AsyncEngine:
         found = request_id in self._streams
         self.client.send(AbortRequest(request_id))
         return found
+
+    async def load_adapter(self, name: str, path: str, kind=None) -> AdapterInfo:
+        """Load a fine-tune (the engine core does it between two steps); raises what EngineCore.load_adapter
+        raises."""
+        return await self._adapter_call(lambda call_id: LoadAdapter(call_id, name, path, kind))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload a fine-tune; refused (AdapterInUseError) while requests use it, counting those sent before."""
+        await self._adapter_call(lambda call_id: UnloadAdapter(call_id, name))
+
+    async def _adapter_call(self, make_command):
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        call_id = next(self._call_ids)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._adapter_calls[call_id] = (loop, future)
+        self.client.send(make_command(call_id))
+        return await future
 
     @property
     def num_waiting(self) -> int:
@@ -124,6 +152,13 @@ class AsyncEngine:
                 except Exception:  # noqa: BLE001 - metrics must never stop the engine's events
                     log.exception("step listener failed")
             self._deliver([(out.request_id, out) for out in event.outputs])
+        elif isinstance(event, AdapterCallDone):
+            self._adds_applied = event.adds_applied
+            self.adapters = {info.name: info for info in event.adapters}
+            call = self._adapter_calls.pop(event.call_id, None)
+            if call is not None:
+                loop, future = call
+                loop.call_soon_threadsafe(_settle, future, event.info, event.error)
         elif isinstance(event, RequestFailed):
             self._adds_applied = event.adds_applied
             self._deliver([(event.request_id, event.error)])
@@ -140,6 +175,9 @@ class AsyncEngine:
             if event.failed_step is not None:    # the requests of the step that failed end with its error
                 items.update((rid, EngineStepError(event.failed_step.message)) for rid in event.failed_step.request_ids)
             self._deliver(list(items.items()))
+            for call_id in list(self._adapter_calls):
+                loop, future = self._adapter_calls.pop(call_id)
+                loop.call_soon_threadsafe(_settle, future, None, EngineDeadError(self._dead))
             for listener in self.death_listeners:
                 listener(self._dead)
 
@@ -155,6 +193,15 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:
                 pass   # that caller's loop has closed: nobody is left to read
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():       # the caller gave up (cancelled)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _put_all(batch: list[tuple[_Stream, object]]) -> None:

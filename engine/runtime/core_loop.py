@@ -8,8 +8,9 @@ import time
 from typing import Callable
 
 from glmserve.engine.runtime.engine_core import EngineCore
-from glmserve.engine.runtime.messages import (AbortRequest, AddRequest, Command, EngineFailed, Event, RequestFailed,
-                                              Shutdown, StepDone, StepFailed)
+from glmserve.engine.runtime.messages import (AbortRequest, AdapterCallDone, AddRequest, Command, EngineFailed, Event,
+                                              LoadAdapter, RequestFailed, Shutdown, StepDone, StepFailed,
+                                              UnloadAdapter)
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,29 @@ class CoreLoop:
         if isinstance(command, AbortRequest):
             self.core.abort_request(command.request_id)
             return
+        if isinstance(command, (LoadAdapter, UnloadAdapter)):
+            self._adapter_call(command)
+            return
         assert isinstance(command, AddRequest)
         self.adds_applied += 1
         try:
             self.core.add_request(command.request_id, command.prompt_token_ids, command.params,
-                                  priority=command.priority, arrival_time=command.arrival_time)
+                                  priority=command.priority, arrival_time=command.arrival_time,
+                                  adapter=command.adapter)
         except Exception as exc:  # noqa: BLE001 - checked by the frontend already: this fails one request only
             self._emit(RequestFailed(command.request_id, exc, self.adds_applied))
+
+    def _adapter_call(self, command: LoadAdapter | UnloadAdapter) -> None:
+        """Between two steps: a failed load or a refused unload changes nothing and fails only this call."""
+        info, error = None, None
+        try:
+            if isinstance(command, LoadAdapter):
+                info = self.core.load_adapter(command.name, command.path, command.kind)
+            else:
+                self.core.unload_adapter(command.name)
+        except Exception as exc:  # noqa: BLE001 - the caller gets it (mapped to a status); the engine goes on
+            error = exc
+        self._emit(AdapterCallDone(command.call_id, info, error, tuple(self.core.adapters.list()), self.adds_applied))
 
     def _recover(self, exc: Exception) -> bool:
         """Abort every request in flight and free their blocks; False when even that fails (the engine is dead)."""

@@ -15,14 +15,16 @@ import torch
 from glmserve.engine.attention.backends import check_backend
 from glmserve.engine.config.engine_config import EngineConfig
 from glmserve.engine.config.errors import ConfigError
+from glmserve.engine.core.adapters import AdapterInUseError, AdapterKind, KVPrefix
 from glmserve.engine.core.block_manager import BlockManager
-from glmserve.engine.core.errors import DuplicateRequestError
+from glmserve.engine.core.errors import DuplicateRequestError, RequestError
 from glmserve.engine.core.outputs import RequestOutput
 from glmserve.engine.core.request import Request
 from glmserve.engine.core.request_validator import RequestLimits, validate_request
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.core.scheduler import Scheduler
 from glmserve.engine.distributed.tp_executor import TensorParallelExecutor
+from glmserve.engine.lora.manager import AdapterInfo, AdapterManager
 from glmserve.engine.model.loader import ModelSource, resolve_dtype, resolve_model_source
 from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
 from glmserve.engine.runtime.output_processor import OutputProcessor, TokenEvent
@@ -69,7 +71,18 @@ class EngineCore:
         self.limits = RequestLimits(self.tokenizer.vocab_size, self.max_model_len, self.num_blocks, block_size)
         self.block_manager = BlockManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
-                                   self.tokenizer.eos_token_id)
+                                   self.tokenizer.eos_token_id, max_loras=config.lora.max_loras)
+        self.adapters = AdapterManager(
+            self.runner, self.block_manager, model.config, config.lora, self.dtype,
+            ModelRunner.kv_bytes_per_block(model.config, block_size, self.dtype), config.tensor_parallel_size > 1)
+        try:
+            for name, path in config.lora.lora_adapters:
+                self.adapters.load(name, path, AdapterKind.LORA)
+            for name, path in config.lora.ptuning_prefixes:
+                self.adapters.load(name, path, AdapterKind.PTUNING)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.output_processor = OutputProcessor(self.tokenizer)
         self._aborted: list[Request] = []
         self.last_step_num_tokens = 0      # tokens computed by the latest step (a metrics histogram reads it)
@@ -127,7 +140,8 @@ class EngineCore:
                           max_model_len=self.max_model_len, vocab_size=self.tokenizer.vocab_size,
                           block_size=self.config.cache.block_size, num_kv_blocks=self.num_blocks,
                           dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-                          enable_prefix_caching=self.config.cache.enable_prefix_caching)
+                          enable_prefix_caching=self.config.cache.enable_prefix_caching,
+                          max_loras=self.config.lora.max_loras, adapters=tuple(self.adapters.list()))
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -135,7 +149,10 @@ class EngineCore:
             num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             num_preemptions=self.scheduler.stats.num_preemptions, prefix_cache_queries=bm.stats.queries,
-            prefix_cache_hits=bm.stats.hits, kv_cache_usage=bm.usage)
+            prefix_cache_hits=bm.stats.hits, kv_cache_usage=bm.usage,
+            running_lora_adapters=tuple(sorted(self.scheduler.running_lora_adapters())),
+            waiting_lora_adapters=tuple(sorted({r.adapter.name for _, _, r in self.scheduler.waiting
+                                                if r.adapter is not None and r.adapter.is_lora})))
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids, params: SamplingParams) -> tuple[list[int], SamplingParams]:
@@ -143,23 +160,58 @@ class EngineCore:
         return validate_request(prompt_token_ids, params, self.limits)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None, adapter: str | None = None) -> None:
         """Queue a request; ``n`` > 1 becomes n sample requests under the same id, sharing the prompt's cached
-        blocks. Raises what ``validate_request`` raises, and DuplicateRequestError for an id already in flight."""
+        blocks. ``adapter`` names a loaded fine-tune (LoRA or P-tuning) to run under; None runs the base model.
+        Raises what ``validate_request`` raises, UnknownAdapterError, and DuplicateRequestError for an id already
+        in flight."""
         if request_id in self._samples:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
+        binding = self.adapters.binding(adapter) if adapter is not None else None
         prompt, params = self.validate_request(prompt_token_ids, params)
+        if binding is not None and binding.kv_prefix is not None:
+            self._check_prefix_room(binding.kv_prefix, len(prompt) + params.max_tokens)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         samples = []
         for index in range(params.n):
             sample_params = params if params.n == 1 else params.clone(
                 n=1, seed=None if params.seed is None else params.seed + index)
             samples.append(Request(request_id, prompt, sample_params, priority=priority, arrival_time=arrival,
-                                   index=index))
+                                   index=index, adapter=binding))
         for request in samples:
             self.output_processor.add(request)
             self.scheduler.add(request)
         self._samples[request_id] = samples
+
+    def _check_prefix_room(self, prefix: KVPrefix, num_tokens: int) -> None:
+        """A P-tuning request's own blocks must fit beside every pinned prefix (its own shared blocks included)."""
+        bm = self.block_manager
+        own = bm.blocks_needed(prefix.num_slots + num_tokens) - len(prefix.shared_block_ids)
+        room = bm.num_blocks - sum(len(p.block_ids) for p in bm.pinned)
+        if own > room:
+            raise RequestError("max_tokens", f"the request needs {own} KV blocks for prompt + max_tokens = "
+                               f"{num_tokens} tokens after its {prefix.num_slots}-slot prefix, but {room} blocks are "
+                               "not pinned by prefixes")
+
+    # ---- fine-tunes -------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str, kind: AdapterKind | None = None) -> AdapterInfo:
+        """Load a LoRA adapter or a P-tuning v2 prefix under ``name`` (core/adapters.py lists what it raises)."""
+        return self.adapters.load(name, path, kind)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter; refused (AdapterInUseError) while any waiting or running request uses it."""
+        binding = self.adapters.binding(name)
+        using = sum(1 for r in self.scheduler.requests.values() if r.adapter is binding)
+        if using:
+            raise AdapterInUseError(f"adapter: {name!r} is used by {using} request(s) in flight; abort them or "
+                                    "wait for them to finish, then unload it")
+        self.adapters.unload(name)
+
+    def lora_stats(self) -> dict:
+        """LoRA adapters with running / waiting requests, and how many may run at once."""
+        stats = self.stats()
+        return {"max_lora": self.config.lora.max_loras, "running": list(stats.running_lora_adapters),
+                "waiting": list(stats.waiting_lora_adapters)}
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request (all of its n samples); its blocks are freed at once. False if unknown."""

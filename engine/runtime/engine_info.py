@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glmserve.engine.core.request_validator import RequestLimits
+from glmserve.engine.lora.manager import AdapterInfo
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class EngineInfo:
     dtype: str
     device: str
     enable_prefix_caching: bool
+    max_loras: int = 0
+    adapters: tuple[AdapterInfo, ...] = ()      # fine-tunes loaded at start-up
 
     @property
     def limits(self) -> RequestLimits:
@@ -37,3 +40,5 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     kv_cache_usage: float
+    running_lora_adapters: tuple[str, ...] = ()     # LoRA adapters of running requests
+    waiting_lora_adapters: tuple[str, ...] = ()     # LoRA adapters of waiting requests

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from glmserve.engine.core.adapters import AdapterKind
 from glmserve.engine.core.outputs import RequestOutput
+from glmserve.engine.lora.manager import AdapterInfo
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
 
@@ -20,6 +22,7 @@ class AddRequest:
     params: SamplingParams
     priority: int = 0
     arrival_time: float | None = None
+    adapter: str | None = None          # a loaded fine-tune; None: the base model
 
 
 @dataclass
@@ -28,11 +31,27 @@ class AbortRequest:
 
 
 @dataclass
+class LoadAdapter:
+    call_id: int
+    name: str
+    path: str
+    kind: AdapterKind | None = None     # None: told by the folder's files
+
+
+@dataclass
+class UnloadAdapter:
+    """Refused (AdapterInUseError) while requests use the adapter, counting AddRequests sent before it."""
+
+    call_id: int
+    name: str
+
+
+@dataclass
 class Shutdown:
     pass
 
 
-Command = AddRequest | AbortRequest | Shutdown
+Command = AddRequest | AbortRequest | LoadAdapter | UnloadAdapter | Shutdown
 
 
 # ---- events (engine core -> frontend) -----------------------------------------------------------------------------
@@ -82,4 +101,15 @@ class EngineFailed:
     failed_step: StepFailed | None = None    # the step whose failure could not be cleaned up, and its requests
 
 
-Event = EngineReady | StepDone | RequestFailed | StepFailed | EngineFailed
+@dataclass
+class AdapterCallDone:
+    """The answer to a LoadAdapter or UnloadAdapter: ``error`` None on success; the fine-tunes loaded now."""
+
+    call_id: int
+    info: AdapterInfo | None
+    error: BaseException | None
+    adapters: tuple[AdapterInfo, ...]
+    adds_applied: int
+
+
+Event = EngineReady | StepDone | RequestFailed | StepFailed | EngineFailed | AdapterCallDone

@@ -121,7 +121,7 @@ class DecodeGraphs:
         """A decode-only step (one token per sequence) small enough for a captured size."""
         n = input_ids.shape[0]
         return (0 < n <= self.sizes[-1] and meta.num_decodes == n and meta.seq_lens.shape[0] == n
-                and meta.block_tables.shape[1] <= self.max_blocks)
+                and meta.block_tables.shape[1] <= self.max_blocks and meta.max_seq_len <= self.max_model_len)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [n, hidden] of a step that ``fits``."""

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--adapter", default=None, help="run under a fine-tune loaded with --lora or --ptuning")
     p.add_argument("--json", action="store_true", help="print {token_ids, text, finish_reason} as JSON")
 
     p = sub.add_parser("tokenize", help="print the prompt token ids of a text or a chat")
@@ -134,7 +135,7 @@ def cmd_generate(args) -> int:
             prompt = engine.tokenizer.encode(args.prompt)
         else:
             prompt = _parse_ids(args.prompt_token_ids)
-        engine.add_request("cli", prompt, params)
+        engine.add_request("cli", prompt, params, adapter=args.adapter)
         result = RequestOutput.empty("cli", prompt, 1)
         for delta in engine.step_until_idle():
             if not args.json:

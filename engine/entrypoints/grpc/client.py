@@ -98,11 +98,12 @@ def _sampling(kwargs: dict) -> pb.SamplingParams:
         raise TypeError(f"unknown sampling parameter: {exc}") from None
 
 
-def _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sampling) -> pb.GenerateRequest:
+def _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sampling,
+                      adapter: str = "") -> pb.GenerateRequest:
     if (prompt is None) == (prompt_token_ids is None):
         raise TypeError("pass exactly one of prompt or prompt_token_ids")
     request = pb.GenerateRequest(request_id=request_id, sampling=_sampling(sampling), stream=stream,
-                                 priority=priority)
+                                 priority=priority, adapter=adapter)
     if prompt is not None:
         request.prompt = prompt
     else:   # set even when empty, so the server reports an empty prompt rather than a missing one
@@ -123,9 +124,9 @@ def _tools(tools) -> str | None:
     return tools if tools is None or isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
 
 
-def _chat_request(messages, tools, stream, request_id, priority, sampling) -> pb.ChatRequest:
+def _chat_request(messages, tools, stream, request_id, priority, sampling, adapter: str = "") -> pb.ChatRequest:
     return pb.ChatRequest(request_id=request_id, messages=_messages(messages), tools=_tools(tools),
-                          sampling=_sampling(sampling), stream=stream, priority=priority)
+                          sampling=_sampling(sampling), stream=stream, priority=priority, adapter=adapter)
 
 
 def _tokenize_request(text, messages, tools) -> pb.TokenizeRequest:
@@ -209,15 +210,15 @@ class GenerationClient(_ClientChannel):
                          timeout=timeout, max_message_bytes=max_message_bytes)
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None, stream: bool = True,
-                 request_id: str = "", priority: int = 0, timeout: float | None = None,
+                 request_id: str = "", priority: int = 0, timeout: float | None = None, adapter: str = "",
                  **sampling) -> Iterator[Chunk]:
-        request = _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sampling)
+        request = _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sampling, adapter)
         return _iterate(self._call(self._stub.Generate, request, timeout))
 
     def chat(self, messages: Iterable[ChatMessage | dict], *, tools=None, stream: bool = True, request_id: str = "",
-             priority: int = 0, timeout: float | None = None, **sampling) -> Iterator[Chunk]:
+             priority: int = 0, timeout: float | None = None, adapter: str = "", **sampling) -> Iterator[Chunk]:
         """``tools``: a list/dict (sent as JSON) or a JSON string."""
-        request = _chat_request(messages, tools, stream, request_id, priority, sampling)
+        request = _chat_request(messages, tools, stream, request_id, priority, sampling, adapter)
         return _iterate(self._call(self._stub.Chat, request, timeout))
 
     def tokenize(self, text: str | None = None, *, messages=None, tools=None,
@@ -232,6 +233,16 @@ class GenerationClient(_ClientChannel):
 
     def load(self, timeout: float | None = None) -> Load:
         return _load(self._call(self._stub.GetLoad, pb.LoadRequest(), timeout))
+
+    def load_adapter(self, name: str, path: str, kind: int = 0, timeout: float | None = None) -> pb.AdapterInfo:
+        """Load a LoRA adapter or a P-tuning v2 checkpoint (a folder on the server) under ``name``."""
+        return self._call(self._stub.LoadAdapter, pb.LoadAdapterRequest(name=name, path=path, kind=kind), timeout)
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> None:
+        self._call(self._stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
+
+    def list_adapters(self, timeout: float | None = None) -> list[pb.AdapterInfo]:
+        return list(self._call(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout).adapters)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... (grpc.health.v1 status names)."""
@@ -280,14 +291,14 @@ class AsyncGenerationClient(_ClientChannel):
                          timeout=timeout, max_message_bytes=max_message_bytes)
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None, stream: bool = True,
-                 request_id: str = "", priority: int = 0, timeout: float | None = None,
+                 request_id: str = "", priority: int = 0, timeout: float | None = None, adapter: str = "",
                  **sampling) -> AsyncIterator[Chunk]:
-        request = _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sampling)
+        request = _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sampling, adapter)
         return _aiterate(self._call(self._stub.Generate, request, timeout))
 
     def chat(self, messages: Iterable[ChatMessage | dict], *, tools=None, stream: bool = True, request_id: str = "",
-             priority: int = 0, timeout: float | None = None, **sampling) -> AsyncIterator[Chunk]:
-        request = _chat_request(messages, tools, stream, request_id, priority, sampling)
+             priority: int = 0, timeout: float | None = None, adapter: str = "", **sampling) -> AsyncIterator[Chunk]:
+        request = _chat_request(messages, tools, stream, request_id, priority, sampling, adapter)
         return _aiterate(self._call(self._stub.Chat, request, timeout))
 
     async def tokenize(self, text: str | None = None, *, messages=None, tools=None,

@@ -10,6 +10,8 @@ import asyncio
 
 import grpc
 
+from glmserve.engine.core.adapters import (AdapterCapacityError, AdapterExistsError, AdapterInUseError,
+                                           AdapterLoadError, UnknownAdapterError)
 from glmserve.engine.core.errors import (DuplicateRequestError, EngineDeadError, EngineStepError, QueueFullError,
                                          RequestError)
 from glmserve.engine.text.chat_format import ChatFormatError
@@ -22,12 +24,18 @@ class ServiceUnavailable(RuntimeError):
 
 
 # Errors that describe a bad request; their messages name the offending field.
-_INVALID = (RequestError, SamplingParamsError, ChatFormatError, TokenizerError)
+_INVALID = (RequestError, SamplingParamsError, ChatFormatError, TokenizerError, AdapterLoadError)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, DuplicateRequestError):
+    if isinstance(exc, (DuplicateRequestError, AdapterExistsError)):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, UnknownAdapterError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, AdapterInUseError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, AdapterCapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, _INVALID):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFullError):

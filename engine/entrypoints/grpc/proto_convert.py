@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from glmserve.proto import generation_pb2 as pb
 
+from glmserve.engine.core.adapters import AdapterKind
 from glmserve.engine.core.errors import RequestError
+from glmserve.engine.lora.manager import AdapterInfo
 from glmserve.engine.core.outputs import CompletionOutput, RequestMetrics
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.entrypoints.chat import ChatTemplate
@@ -44,6 +46,7 @@ class EngineRequest:
     stream: bool
     priority: int
     chat: bool                          # read its finished samples as chat replies (tool calls)
+    adapter: str | None = None          # a loaded fine-tune; None: the base model
 
 
 @dataclass
@@ -82,14 +85,14 @@ def generate_request_from_proto(msg: pb.GenerateRequest, tokenizer: ChatGLMToken
     else:
         prompt = list(msg.prompt_token_ids.ids)   # the engine checks them against the vocabulary
     return EngineRequest(request_id_from_proto(msg.request_id), prompt, sampling_from_proto(msg.sampling),
-                         msg.stream, msg.priority, chat=False)
+                         msg.stream, msg.priority, chat=False, adapter=msg.adapter or None)
 
 
 def chat_request_from_proto(msg: pb.ChatRequest, template: ChatTemplate) -> EngineRequest:
     prompt = template.prompt(messages_from_proto(msg.messages), tools_from_proto(msg))
     return EngineRequest(request_id_from_proto(msg.request_id), prompt,
                          template.sampling_params(sampling_from_proto(msg.sampling)), msg.stream, msg.priority,
-                         chat=True)
+                         chat=True, adapter=msg.adapter or None)
 
 
 def messages_from_proto(messages) -> list[ChatMessage]:
@@ -160,6 +163,31 @@ def _fill_timings(timings: pb.Timings, m: RequestMetrics) -> None:
 def model_info_to_proto(info: EngineInfo) -> pb.ModelInfo:
     return pb.ModelInfo(model=info.model_name, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                         block_size=info.block_size, dtype=info.dtype, num_kv_blocks=info.num_kv_blocks)
+
+
+ADAPTER_KINDS = {AdapterKind.LORA: pb.ADAPTER_KIND_LORA, AdapterKind.PTUNING: pb.ADAPTER_KIND_PTUNING}
+
+
+def adapter_kind_from_proto(kind: int) -> AdapterKind | None:
+    if kind == pb.ADAPTER_KIND_UNSPECIFIED:
+        return None
+    for ours, theirs in ADAPTER_KINDS.items():
+        if theirs == kind:
+            return ours
+    raise RequestError("kind", f"unknown adapter kind {kind}")
+
+
+def load_adapter_from_proto(msg: pb.LoadAdapterRequest) -> tuple[str, str, AdapterKind | None]:
+    if not msg.name:
+        raise RequestError("name", "the adapter needs a name")
+    if not msg.path:
+        raise RequestError("path", "the adapter's folder is missing")
+    return msg.name, msg.path, adapter_kind_from_proto(msg.kind)
+
+
+def adapter_info_to_proto(info: AdapterInfo) -> pb.AdapterInfo:
+    return pb.AdapterInfo(name=info.name, kind=ADAPTER_KINDS[info.kind], path=info.path, rank=info.rank or 0,
+                          pre_seq_len=info.pre_seq_len or 0, host_bytes=info.host_bytes, kv_bytes=info.kv_bytes)
 
 
 def load_to_proto(stats: EngineStats) -> pb.Load:

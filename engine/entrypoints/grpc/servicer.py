@@ -127,13 +127,34 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return convert.model_info_to_proto(self._ready().info)
 
     @_rpc()
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.AdapterInfo:
+        engine = self._ready(new_work=True)
+        name, path, kind = convert.load_adapter_from_proto(request)
+        info = await engine.load_adapter(name, path, kind)
+        log.info("loaded adapter %r (%s) from %s", name, info.kind.value, path)
+        return convert.adapter_info_to_proto(info)
+
+    @_rpc()
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
+        engine = self._ready()
+        await engine.unload_adapter(request.name)
+        log.info("unloaded adapter %r", request.name)
+        return pb.UnloadAdapterResponse()
+
+    @_rpc()
+    async def ListAdapters(self, request, context) -> pb.ListAdaptersResponse:
+        infos = self._ready().adapters.values()
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_info_to_proto(i) for i in infos])
+
+    @_rpc()
     async def GetLoad(self, request, context) -> pb.Load:
         return convert.load_to_proto(self._ready().stats())   # counters read without waiting for a step
 
     # ---- one request --------------------------------------------------------------------------------------
     async def _run(self, engine: AsyncEngine, req: convert.EngineRequest, context) -> None:
         async with Deadline(context.time_remaining()):
-            stream = await engine.generate(req.request_id, req.prompt_token_ids, req.params, priority=req.priority)
+            stream = await engine.generate(req.request_id, req.prompt_token_ids, req.params, priority=req.priority,
+                                           adapter=req.adapter)
             total = RequestOutput.empty(req.request_id, req.prompt_token_ids, req.params.n)
             ends: dict[int, convert.SampleEnd] = {}
             async with contextlib.aclosing(stream):
