@@ -96,7 +96,7 @@ def test_mixed_batch_equals_solo_with_chunking_and_prefix_caching(tiny_checkpoin
         assert tokens[request_id] == expected, f"{request_id} differs in the mixed batch"
     # The repeated prompts hit the prefix cache, each only behind its own fine-tune.
     assert sum(cached.values()) > 0
-    assert engine.stats()["prefix_cache_hits"] > 0
+    assert engine.stats().prefix_cache_hits > 0
     assert_no_leaks(engine)        # every block but the prefixes' pinned ones is free
     for name in ("pt-a", "pt-b", "lora-a", "lora-b"):
         engine.unload_adapter(name)
@@ -287,7 +287,7 @@ def test_preemption_under_memory_pressure_keeps_solo_results(tiny_checkpoint, fi
     needed = sum(-(-(30 + len(p) + q.max_tokens) // 16) for _, p, q, _ in workload)
     engine = _engine(tiny_checkpoint, finetunes, ["pt-a", "pt-b", "lora-a", "lora-b"], num_kv_blocks=needed // 4)
     tokens, _ = _run(engine, workload, arrivals_per_step=4)
-    assert engine.stats()["num_preemptions"] > 0
+    assert engine.stats().num_preemptions > 0
     for request_id, expected in solo.items():
         assert tokens[request_id] == expected, f"{request_id} differs after preemption"
     assert_no_leaks(engine)

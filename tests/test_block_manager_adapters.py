@@ -36,8 +36,8 @@ def test_pinned_prefix_is_shared_by_reference_and_survives_its_requests():
     _admit(bm, b)
     # Each: the 2 shared blocks, then ceil((2 + 7) / 4) = 3 own blocks (tail slots first).
     for req in (a, b):
-        assert bm.block_ids(req.request_id)[:2] == list(prefix.shared_block_ids)
-        assert len(bm.block_ids(req.request_id)) == 5
+        assert bm.block_ids(req)[:2] == list(prefix.shared_block_ids)
+        assert len(bm.block_ids(req)) == 5
     assert [bm.blocks[i].ref_count for i in prefix.block_ids] == [3, 3, 1]
     bm.check_invariants()
     bm.free(a)
@@ -56,7 +56,7 @@ def test_pinned_blocks_are_never_handed_out_under_memory_pressure():
     other = _req("x", list(range(16)))               # takes the 4 blocks left
     _admit(bm, other)
     assert bm.num_free_blocks == 0
-    assert not set(bm.block_ids("x")) & set(prefix.block_ids)
+    assert not set(bm.block_ids(other)) & set(prefix.block_ids)
     assert not bm.allocate(_req("y", [1, 2, 3]), 3)
     bm.free(other)
     assert not bm.can_pin(4 * 5) and bm.can_pin(16)
@@ -86,7 +86,7 @@ def test_prefix_caching_behind_a_ptuning_prefix_with_a_tail():
     again = _req("two", tokens, binding)
     # Cached own blocks must leave one token to compute: (15 - 1 + 2) // 4 = 4 blocks = 14 tokens.
     assert _admit(bm, again) == 14
-    assert bm.block_ids("two")[1:5] == bm.block_ids("one")[1:5]
+    assert bm.block_ids(again)[1:5] == bm.block_ids(first)[1:5]
     other = AdapterBinding("q", AdapterKind.PTUNING, b"q", bm.pin_prefix(6))
     assert _admit(bm, _req("three", tokens, other)) == 0            # another prefix: nothing shared
     bm.check_invariants()

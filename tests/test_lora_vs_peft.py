@@ -17,7 +17,7 @@ from glmserve.engine.config.lora_config import LoraConfig
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.lora import layers as lora_layers
 from glmserve.engine.lora.adapter_writer import write_lora_adapter
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.engine_core import EngineCore
 
 from .adapter_reference import (EngineTrace, assert_greedy_matches, build_peft_model, peft_logits_fn,
                                 reference_greedy)
@@ -61,7 +61,7 @@ def _engine_run(tiny_checkpoint, adapter_dirs):
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=1024),
         lora=LoraConfig(max_loras=3, max_lora_rank=16,
                         lora_adapters=[(n, str(adapter_dirs[n])) for n in names[:2]]))
-    engine = Engine(config)
+    engine = EngineCore(config)
     engine.load_adapter(names[2], str(adapter_dirs[names[2]]))
     trace = EngineTrace(engine)
     prompts = random_prompts(len(REQUEST_ADAPTERS), engine.tokenizer.vocab_size, (5, 40), seed=11)

@@ -16,7 +16,7 @@ from glmserve.engine.config.model_config import MODEL_PRESETS
 from glmserve.engine.config.lora_config import LoraConfig
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.lora.adapter_writer import write_ptuning_checkpoint
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.engine_core import EngineCore
 
 from .adapter_reference import (EngineTrace, assert_greedy_matches, prefix_logits_fn, reference_greedy,
                                 reference_prefix_kv)
@@ -41,7 +41,7 @@ def engine_run(tiny_checkpoint, finetune_dirs):
         model=str(tiny_checkpoint), cache=CacheConfig(num_kv_blocks=256),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=1024),
         lora=LoraConfig(ptuning_prefixes=[(name, str(path)) for name, path in finetune_dirs.items()]))
-    engine = Engine(config)
+    engine = EngineCore(config)
     pinned = sum(len(p.block_ids) for p in engine.block_manager.pinned)
     assert pinned == 1 + 2 + 1 + 1, "each prefix pins ceil(P / 16) blocks"
     trace = EngineTrace(engine)

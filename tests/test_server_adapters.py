@@ -13,7 +13,7 @@ from glmserve.engine.config.lora_config import LoraConfig
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.entrypoints.cli.main import main
 from glmserve.engine.lora.adapter_writer import write_lora_adapter, write_ptuning_checkpoint
-from glmserve.engine.runtime.engine_core import Engine
+from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.proto import generation_pb2 as pb
 
 from .server_fixtures import InProcessServer, eventually, parse_metrics, tiny_engine_config
@@ -41,7 +41,7 @@ def _config(folders):
 
 @pytest.fixture(scope="module")
 def server(folders):
-    srv = InProcessServer(make_engine=lambda: Engine(_config(folders)))
+    srv = InProcessServer(make_engine=lambda: EngineCore(_config(folders)))
     yield srv
     srv.close()
 
@@ -56,7 +56,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def expected(folders):
     """Each fine-tune's greedy tokens from an engine of the same config, in-process and alone."""
-    engine = Engine(_config(folders))
+    engine = EngineCore(_config(folders))
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     result = {}
     for adapter in (None, "lora-a", "pt-a"):
@@ -186,11 +186,32 @@ def test_cli_flags_load_adapters_and_bad_ones_exit_2(folders, capsys):
     assert main(args + ["--lora", f"a={folders['lora-a']}", "--ptuning", f"p={folders['pt-a']}",
                         "--adapter", "p", "--max-loras", "1", "--max-lora-rank", "8"]) == 0
     assert '"finish_reason": "length"' in capsys.readouterr().out
-    assert main(args + ["--lora", "no-equals-sign"]) == 2
-    assert "--lora expects NAME=PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:          # argparse: usage and a one-line error
+        main(args + ["--lora", "no-equals-sign"])
+    assert exit_.value.code == 2
+    assert "argument --lora: expected NAME=PATH, got 'no-equals-sign'" in capsys.readouterr().err
     assert main(args + ["--lora", f"a={folders['pt-a']}"]) == 2          # not a LoRA folder
     assert "adapter_config.json" in capsys.readouterr().err
     assert main(args + ["--lora", f"a={folders['lora-b']}", "--max-lora-rank", "4"]) == 2
     assert "r = 8 exceeds --max-lora-rank 4" in capsys.readouterr().err
     assert main(args + ["--adapter", "missing"]) == 2
     assert "'missing' is not loaded" in capsys.readouterr().err
+
+
+def test_adapter_errors_and_answers_cross_the_process_boundary():
+    """`glmserve serve` runs the engine core in its own process: what an adapter call sends back is pickled."""
+    import pickle
+
+    from glmserve.engine.core.adapters import (AdapterCapacityError, AdapterExistsError, AdapterInUseError,
+                                               AdapterKind, AdapterLoadError, UnknownAdapterError)
+    from glmserve.engine.lora.manager import AdapterInfo
+    from glmserve.engine.runtime.messages import AdapterCallDone, LoadAdapter
+
+    for error in (UnknownAdapterError("nope", ["a", "b"]), AdapterLoadError("x.bin: tensor 't' has shape [1]"),
+                  AdapterExistsError("taken"), AdapterInUseError("busy"), AdapterCapacityError("full")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+    info = AdapterInfo("a", AdapterKind.LORA, "/x", 8, None, 100, 0)
+    event = pickle.loads(pickle.dumps(AdapterCallDone(3, info, None, (info,), 5, None)))
+    assert event.info == info and event.adapters == (info,)
+    assert pickle.loads(pickle.dumps(LoadAdapter(1, "a", "/x", AdapterKind.PTUNING))).kind is AdapterKind.PTUNING

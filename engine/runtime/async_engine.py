@@ -154,6 +154,7 @@ class AsyncEngine:
             self._deliver([(out.request_id, out) for out in event.outputs])
         elif isinstance(event, AdapterCallDone):
             self._adds_applied = event.adds_applied
+            self._stats = event.stats
             self.adapters = {info.name: info for info in event.adapters}
             call = self._adapter_calls.pop(event.call_id, None)
             if call is not None:

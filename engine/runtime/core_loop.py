@@ -74,7 +74,8 @@ class CoreLoop:
                 self.core.unload_adapter(command.name)
         except Exception as exc:  # noqa: BLE001 - the caller gets it (mapped to a status); the engine goes on
             error = exc
-        self._emit(AdapterCallDone(command.call_id, info, error, tuple(self.core.adapters.list()), self.adds_applied))
+        self._emit(AdapterCallDone(command.call_id, info, error, tuple(self.core.adapters.list()), self.adds_applied,
+                                   self.core.stats()))
 
     def _recover(self, exc: Exception) -> bool:
         """Abort every request in flight and free their blocks; False when even that fails (the engine is dead)."""

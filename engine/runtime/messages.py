@@ -110,6 +110,7 @@ class AdapterCallDone:
     error: BaseException | None
     adapters: tuple[AdapterInfo, ...]
     adds_applied: int
+    stats: EngineStats                  # the counters now (a P-tuning prefix pins or frees KV blocks)
 
 
 Event = EngineReady | StepDone | RequestFailed | StepFailed | EngineFailed | AdapterCallDone
