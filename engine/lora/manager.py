@@ -33,6 +33,8 @@ from glmserve.engine.lora.slots import LoraSlots
 class AdapterRunner(Protocol):
     """What the manager needs of the model runner (engine/worker/model_runner.py)."""
 
+    lora_slots: LoraSlots | None
+
     def enable_lora(self, max_loras: int, max_rank: int) -> LoraSlots: ...
 
     def write_prefix_kv(self, prefix, keys: torch.Tensor, values: torch.Tensor) -> None: ...
@@ -70,9 +72,6 @@ class AdapterManager:
     def list(self) -> list[AdapterInfo]:
         return [self._info[name] for name in sorted(self._info)]
 
-    def lora_slots(self) -> LoraSlots | None:
-        return getattr(self.runner, "lora_slots", None)
-
     # ---- load and unload --------------------------------------------------------------------------------------
     def load(self, name: str, path: str, kind: AdapterKind | None = None) -> AdapterInfo:
         """Load a fine-tune under ``name``; ``kind`` None: told by the folder's files. Raises AdapterLoadError
@@ -106,7 +105,7 @@ class AdapterManager:
         """Forget an adapter nobody uses any more (the engine checks that first)."""
         binding = self.binding(name)
         if binding.is_lora:
-            self.lora_slots().remove(name)
+            self.runner.lora_slots.remove(name)
         else:
             self.block_manager.unpin_prefix(binding.kv_prefix)
         del self._bindings[name], self._info[name]
