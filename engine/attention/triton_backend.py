@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from glmserve.engine.attention.backend import AttentionBackend
@@ -23,11 +25,23 @@ class TritonAttentionBackend(AttentionBackend):
         self._extend = paged_extend_attention
         self._write = write_kv_cache
 
+    # The CPU interpreter compiles nothing, so the start-up warm-up is skipped there (tests switch it on).
+    warmup_in_interpreter = False
+
+    def warmup_steps(self, num_heads: int, num_kv_heads: int, max_model_len: int):
+        """Synthetic batches that launch every kernel variant (triton_warmup.py): the runner runs them at start-up."""
+        from glmserve.engine.attention.triton_warmup import warmup_steps
+        if os.environ.get("TRITON_INTERPRET") == "1" and not self.warmup_in_interpreter:
+            return []
+        return warmup_steps(num_heads, num_kv_heads, max_model_len)
+
     def write(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         self._write(key, value, k_cache, v_cache, slot_mapping)
 
     def decode(self, query, k_cache, v_cache, block_tables, seq_lens, scale: float, *, max_seq_len: int,
                out: torch.Tensor) -> None:
+        # The split count comes from max_seq_len: a CUDA-graph step passes the model length (a static grid); each
+        # sequence then uses only the splits its own length fills, and the merge reads only those (split_kv.py).
         num_decodes = query.shape[0]
         num_splits = self._choose_num_splits(num_decodes, k_cache.shape[2], max_seq_len, query.device)
         self._decode(query, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=num_splits, out=out)

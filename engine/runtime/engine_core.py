@@ -63,6 +63,7 @@ class EngineCore:
                 model, num_blocks=self.num_blocks, block_size=block_size, max_model_len=self.max_model_len,
                 vocab_size=self.tokenizer.vocab_size, eos_token_id=self.tokenizer.eos_token_id,
                 attention_backend=config.attention_backend)
+            self.runner.warm_up()   # compiles every Triton kernel variant now, not during the first requests
         except BaseException:
             self.executor.shutdown()
             raise

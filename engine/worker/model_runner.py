@@ -15,6 +15,7 @@ import torch
 
 from glmserve.engine.attention.backends import make_attention_backend
 from glmserve.engine.attention.metadata import AttentionMetadata
+from glmserve.engine.attention.triton_warmup import warmup_batch
 from glmserve.engine.config.model_config import ModelConfig
 from glmserve.engine.core.adapters import KVPrefix
 from glmserve.engine.lora.slots import LoraSlots
@@ -98,6 +99,20 @@ class ModelRunner:
         steps that fit replay them, every other step runs eagerly."""
         self.decode_graphs = DecodeGraphs(self.model, max_batch=max_batch, max_model_len=self.max_model_len,
                                           block_size=self.block_size, device=self.device, capture=capture)
+
+    @torch.inference_mode()
+    def warm_up(self) -> int:
+        """Run the attention backend's warm-up batches through the model (a backend without ``warmup_steps`` has
+        none), so every kernel variant is compiled before the first request. Returns how many batches ran."""
+        steps_for = getattr(self.backend, "warmup_steps", None)
+        if steps_for is None:
+            return 0
+        steps = steps_for(self.config.num_attention_heads, self.config.num_kv_heads, self.max_model_len)
+        no_logits = torch.empty(0, dtype=torch.int64, device=self.device)
+        for step in steps:
+            batch = warmup_batch(step, self.block_size, self.device)
+            self.run_model(ModelInputs(torch.zeros_like(batch.positions), batch.positions, batch.attention, no_logits))
+        return len(steps)
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -4,27 +4,38 @@ Same function as ``reference.paged_decode_attention_ref``. Work layout:
 - one program per (sequence, KV head, split): it loads the query rows of every head of that KV group as one
   [BLOCK_G, D] tile (ChatGLM3: 16 heads per group fill a 16-row ``tl.dot``; smaller groups are padded with masked
   rows), so each K/V tile is read once for the whole group;
-- the context is cut into ``num_splits`` ranges of whole KV tiles (split-KV), so a small batch with a long context
-  still fills the GPU; each split writes its partial output and log-sum-exp, and a second kernel merges the splits.
-With one split the first kernel writes the final output directly.
+- the context is cut into at most ``num_splits`` key ranges (split-KV, ``split_kv.py``), so a small batch with a
+  long context still fills the GPU; each split holding keys writes its partial output and log-sum-exp, and the
+  merge kernel combines them. With one split the kernel writes the final output directly.
+- the K/V tile loads are software-pipelined (``NUM_STAGES``): the next tile's copy into shared memory is in flight
+  while the current one is multiplied, so one program keeps memory busy instead of waiting on every load.
 """
 from __future__ import annotations
 
-import functools
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64                 # KV tokens per tile
-MIN_TOKENS_PER_SPLIT = 256   # below this a split's fixed cost (query load, partial write, merge) dominates
-MAX_SPLITS = 128
+from glmserve.kernels.triton.split_kv import (BLOCK_N, MIN_TILES_PER_SPLIT, choose_num_splits, merge_splits,
+                                              split_range)
+
+__all__ = ["paged_decode_attention", "choose_num_splits", "dot_config", "DECODE_NUM_WARPS", "DECODE_NUM_STAGES"]
+
+# sm_90 (ptxas via triton's compiler, bench/RESULTS.md): 8 warps keep a 16 x 64 score tile and the 16 x 128 fp32
+# accumulator without spills; 5 stages are the fewest that give the loop two K/V buffers (the block-table load
+# feeding the K/V addresses takes stages of its own), 72 KB of shared memory, so three programs fit an SM.
+DECODE_NUM_WARPS = 8
+DECODE_NUM_STAGES = 5
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Integers that change from step to step are not specialised (a value of 1 or a multiple of 16 would otherwise
+# compile another variant while serving), nor is the alignment of the per-sequence tables, which the engine
+# slices at any row.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -35,7 +46,7 @@ def _decode_split_kernel(
     stride_bt,                             # block_tables: [B, max_blocks]
     num_splits,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -43,18 +54,24 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
 
-    # This split's token range: an equal share of the sequence's KV tiles (may be empty for short sequences).
-    seq_len = tl.load(seq_lens_ptr + seq)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
-
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + g
     d_mask = d < HEAD_DIM
     q_mask = (g < GROUP)[:, None] & d_mask[None, :]
+    # Partials: part_out [B, H, S, D] and part_lse [B, H, S] (float32, contiguous).
+    part_row = (seq * num_heads + heads).to(tl.int64) * num_splits + split               # [BLOCK_G]
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start, end = split_range(seq_len, split, num_splits, BLOCK_N, MIN_TILES)
+    if not DIRECT:
+        if start >= end:
+            # No key here (a short sequence, or a CUDA-graph step's fixed split count): -inf tells the merge to
+            # skip this split's output, which is never written.
+            tl.store(part_lse_ptr + part_row, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=g < GROUP)
+            return
+
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -86,59 +103,16 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # An empty split (or an empty sequence) has l_i == 0: it contributes zeros with weight 0.
+    # An empty sequence has l_i == 0: its output is zeros.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     if DIRECT:
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
-        # Partials: part_out [B, H, S, D] and part_lse [B, H, S] (float32, contiguous).
-        row = (seq * num_heads + heads) * num_splits + split                       # [BLOCK_G]
-        tl.store(part_out_ptr + row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], o, mask=q_mask)
+        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + d[None, :], o, mask=q_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr,
-    stride_ob, stride_oh,
-    num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # One program per (sequence, head): a log-sum-exp weighted sum of the splits' normalised outputs.
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row0 = (seq * tl.num_programs(1) + head) * num_splits
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = s < num_splits
-    lse = tl.load(part_lse_ptr + row0 + s, mask=s_mask, other=float("-inf"))     # [BLOCK_S], log2 units
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)    # every split empty: all weights become 0
-    w = tl.exp2(lse - m)
-    total = tl.sum(w, 0)
-    w = w / tl.where(total > 0, total, 1.0)
-    mask = s_mask[:, None] & (d < HEAD_DIM)[None, :]
-    parts = tl.load(part_out_ptr + (row0 + s).to(tl.int64)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
-    o = tl.sum(parts * w[:, None], 0)                                             # [BLOCK_D]
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4   # the CPU interpreter runs programs one by one: few splits keep tests fast
-
-
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Split count that gives about two programs per SM, keeping at least MIN_TOKENS_PER_SPLIT tokens a split."""
-    programs = max(1, batch * num_kv_heads)
-    wanted = math.ceil(2 * _num_sms(torch.device(device)) / programs)
-    useful = math.ceil(max(1, max_seq_len) / MIN_TOKENS_PER_SPLIT)
-    return max(1, min(wanted, useful, MAX_SPLITS))
+        tl.store(part_lse_ptr + part_row, lse, mask=g < GROUP)
 
 
 def dot_config(query: torch.Tensor, k_cache: torch.Tensor) -> tuple[bool, str]:
@@ -159,8 +133,9 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """query: [B, H, D]; caches: [num_blocks, block_size, KVH, D]; block_tables: [B, max_blocks] int32;
     seq_lens: [B] int32. Returns [B, H, D] (written into ``out`` when given).
 
-    ``num_splits=None`` picks a split count from the batch size and the longest context the block table can
-    describe (``max_blocks * block_size``), which needs no device-to-host sync.
+    ``num_splits`` is an upper bound (each sequence uses as many as its length fills, ``split_kv.py``);
+    ``None`` picks one from the batch size and the longest context the block table can describe
+    (``max_blocks * block_size``), which needs no device-to-host sync.
     """
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -196,23 +171,10 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         num_splits,
         BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-        DIRECT=direct,
+        MIN_TILES=MIN_TILES_PER_SPLIT, DIRECT=direct,
         UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=8,   # 4 warps spill registers with 64-token tiles at D=128 (ptxas, sm_90)
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     if not direct:
         merge_splits(part_out, part_lse, out)
     return out
-
-
-def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
-    """part_out: [R, H, S, D] float32 (each split's normalised output), part_lse: [R, H, S] (log2 units, -inf for
-    an empty split) -> out [R, H, D]: per row and head, the log-sum-exp weighted sum of the splits."""
-    rows, num_heads, num_splits, head_dim = part_out.shape
-    _merge_splits_kernel[(rows, num_heads)](
-        part_out, part_lse, out,
-        out.stride(0), out.stride(1),
-        num_splits,
-        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
-    )

@@ -6,8 +6,8 @@ prefix-cache hits (the queries' own K/V are already in the cache). Work layout: 
 KV group, flattened into the M = BLOCK_T * BLOCK_G rows of ``tl.dot`` (row r = token r // BLOCK_G, head
 r % BLOCK_G), so each K/V tile is loaded once for the whole group. A short chunk over a long cached context has
 few query tiles (ChatGLM3: 8 tokens a tile), so the keys a tile sees are also cut into ``num_splits`` ranges
-(split-KV, as in decode): each split writes its partial output and log-sum-exp and the decode kernel's merge step
-combines them per token.
+(split-KV, ``split_kv.py``, as in decode): each split holding keys writes its partial output and log-sum-exp and
+the merge kernel combines them per token. The K/V tile loads are software-pipelined (``EXTEND_NUM_STAGES``).
 """
 from __future__ import annotations
 
@@ -15,14 +15,30 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.kernels.triton.decode_attention import choose_num_splits, dot_config, merge_splits
+from glmserve.kernels.triton.decode_attention import dot_config
+from glmserve.kernels.triton.split_kv import (BLOCK_N, MIN_TILES_PER_SPLIT, choose_num_splits, merge_splits,
+                                              split_range)
 
 BLOCK_M = 128   # query rows (tokens x heads of a group) per program
-BLOCK_N = 64    # KV tokens per tile
+# sm_90 (ptxas via triton's compiler, bench/RESULTS.md): fewer warps spill registers at D=128 with 128 query rows.
+EXTEND_NUM_WARPS = 8
+EXTEND_NUM_STAGES = 3
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+def tile_tokens(group: int, max_query_len: int) -> int:
+    """BLOCK_T, the query tokens per program: fill BLOCK_M rows (tokens x the group's heads padded to a power of
+    two), but no more tokens than the longest chunk, and at least 16 rows for ``tl.dot``. Its values are the
+    kernel's compiled variants (the engine's warm-up compiles each)."""
+    block_g = triton.next_power_of_2(group)
+    block_t = min(max(1, BLOCK_M // block_g), triton.next_power_of_2(max(1, max_query_len)))
+    return max(block_t, triton.cdiv(16, block_g))
+
+
+# Integers that change from step to step are not specialised (another compiled variant while serving), nor is the
+# alignment of the per-sequence tables, which the engine slices at any row.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr"])
 def _extend_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     scale_log2e,
@@ -34,7 +50,7 @@ def _extend_kernel(
     num_splits,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MIN_TILES: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Highest tiles first: they see the most keys, so starting them early shortens the tail of the launch.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -50,6 +66,14 @@ def _extend_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - num_q           # tokens cached before this chunk
+    # The tile's last token sees keys 0..context_len + last: this split owns a run of those keys (split_kv.py).
+    # A split owning none writes nothing (its log-sum-exp rows stay -inf from the host). A row may see no key of
+    # its split: its max stays -inf, handled below.
+    kv_end = context_len + tl.minimum(t0 + BLOCK_T, num_q)
+    kv_start, kv_stop = split_range(kv_end, split, num_splits, BLOCK_N, MIN_TILES)
+    if not DIRECT:
+        if kv_start >= kv_stop:
+            return
 
     r = tl.arange(0, BLOCK_T * BLOCK_G)
     t = t0 + r // BLOCK_G                   # [M] token index within the chunk
@@ -69,12 +93,6 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_T * BLOCK_G], float("-inf"), tl.float32)   # running max (log2 units)
     l_i = tl.zeros([BLOCK_T * BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_T * BLOCK_G, BLOCK_D], tl.float32)
-    # The tile's last token sees keys 0..context_len + last: this split takes an equal share of those keys'
-    # BLOCK_N tiles (possibly none). A row may see no key of its split: its max stays -inf, handled below.
-    kv_end = context_len + tl.minimum(t0 + BLOCK_T, num_q)
-    tiles_per_split = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), num_splits)
-    kv_start = split * tiles_per_split * BLOCK_N
-    kv_stop = tl.minimum(kv_start + tiles_per_split * BLOCK_N, kv_end)
     block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n0 in range(kv_start, kv_stop, BLOCK_N):
         pos = n0 + n                                                               # [BLOCK_N]
@@ -141,9 +159,7 @@ def paged_extend_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         query = query.contiguous()
     group = num_heads // num_kv_heads
     block_g = triton.next_power_of_2(group)
-    # Tokens per tile: fill BLOCK_M rows, but no more tokens than the longest chunk, and at least 16 rows for tl.dot.
-    block_t = min(max(1, BLOCK_M // block_g), triton.next_power_of_2(max_query_len))
-    block_t = max(block_t, triton.cdiv(16, block_g))
+    block_t = tile_tokens(group, max_query_len)
     num_tiles = triton.cdiv(max_query_len, block_t)
     if num_splits is None:
         longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
@@ -154,7 +170,9 @@ def paged_extend_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     else:
         part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
                                device=query.device)
-        # -inf: token rows no program writes (padding past query_start_loc[-1]) merge to zeros, not garbage.
+        # -inf where no program writes: splits without keys, rows past a chunk's end and padding tokens past
+        # query_start_loc[-1]. The merge reads a split's partial output only where its log-sum-exp is finite, so
+        # those rows merge to zeros: their part_out rows stay uninitialised and are never read.
         part_lse = torch.full((num_tokens, num_heads, num_splits), float("-inf"), dtype=torch.float32,
                               device=query.device)
     upcast, precision = dot_config(query, k_cache)
@@ -170,8 +188,8 @@ def paged_extend_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         num_splits,
         BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=BLOCK_N,
-        DIRECT=direct, UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=8,   # fewer warps spill registers at D=128 (ptxas, sm_90)
+        MIN_TILES=MIN_TILES_PER_SPLIT, DIRECT=direct, UPCAST=upcast, DOT_PRECISION=precision,
+        num_warps=EXTEND_NUM_WARPS, num_stages=EXTEND_NUM_STAGES,
     )
     if not direct:
         merge_splits(part_out, part_lse, out)

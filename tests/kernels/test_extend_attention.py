@@ -85,7 +85,7 @@ def test_extend_picks_splits_for_a_short_chunk_over_a_long_context(monkeypatch, 
     real_choose = extend.choose_num_splits
     monkeypatch.setattr(extend, "choose_num_splits",
                         lambda *a: chosen.append(real_choose(*a)) or chosen[-1])
-    monkeypatch.setattr("glmserve.kernels.triton.decode_attention._num_sms", lambda dev: 132)
+    monkeypatch.setattr("glmserve.kernels.triton.split_kv.num_sms", lambda dev: 132)
     kv = paged_kv([1007], 2, 64, 16, torch.float32, seed=5)
     query_start_loc = _query_start_loc([7], device)
     query = torch.randn(7, 8, 64, device=device)
@@ -93,5 +93,5 @@ def test_extend_picks_splits_for_a_short_chunk_over_a_long_context(monkeypatch, 
                                           kv.seq_lens, 0.125)
     actual = paged_extend_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, kv.seq_lens,
                                     0.125, 7, max_seq_len=1007)
-    assert chosen == [4]          # ceil(1007 / 256) tokens-per-split bound; 2 programs alone would want 132
+    assert chosen == [8]          # ceil(1007 / 128) tokens-per-split bound; 2 programs alone would want 264
     check_close(actual, expected)

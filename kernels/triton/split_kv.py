@@ -1,0 +1,133 @@
+"""Split-KV for the attention kernels: how many splits a launch gets, which keys each split owns, and the merge.
+
+A decode (or short extend) launch has few programs when the batch is small: one per (sequence, KV head) cannot
+fill 132 SMs. Cutting each sequence's keys into ``num_splits`` ranges multiplies the programs; each split writes
+its normalised partial output and log-sum-exp, and ``merge_splits`` combines them.
+
+Who owns which keys (``split_range``, the same in every kernel): a sequence's ``BLOCK_N``-token tiles are shared
+out in equal runs of at least ``MIN_TILES_PER_SPLIT`` tiles, so only the first ``active_splits(...)`` splits of a
+sequence hold keys. The split count is a launch-wide upper bound; a sequence shorter than the longest (or a
+CUDA-graph step, whose split count is fixed from the longest possible context) leaves its later splits empty. An
+empty split only writes its log-sum-exp as -inf; the merge reads the partial output of a split only where its
+log-sum-exp is finite, so neither writes nor reads the empty splits' outputs.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64                   # KV tokens per tile (decode and extend)
+MIN_TOKENS_PER_SPLIT = 128     # below this a split's fixed cost (query load, partial write, merge) dominates
+MIN_TILES_PER_SPLIT = MIN_TOKENS_PER_SPLIT // BLOCK_N
+PROGRAMS_PER_SM = 4            # enough resident programs per SM to keep its loads in flight (bench/RESULTS.md)
+MAX_SPLITS = 256               # 32K tokens at 128 a split; at batch 1 x 2 KV heads that is 512 programs
+# Splits the merge reads per loop step (one compiled merge for any split count). Its loads are not pipelined
+# (they feed no tl.dot), so each step costs a memory latency: 64 keeps 256 splits to four steps, in 64 registers
+# with 8 warps (ptxas, sm_90).
+MERGE_BLOCK_S = 64
+MERGE_NUM_WARPS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4   # the CPU interpreter runs programs one by one: few splits keep tests fast
+
+
+def num_sms(device: torch.device | str) -> int:
+    return _device_sms(torch.device(device))
+
+
+def choose_num_splits(programs: int, num_kv_heads: int, max_seq_len: int, device: torch.device | str | None = None,
+                      *, sms: int | None = None) -> int:
+    """Splits per (program, KV head) for ``programs`` sequences (or query tiles) whose longest key range is
+    ``max_seq_len``: about ``PROGRAMS_PER_SM`` programs per SM, while every split keeps at least
+    ``MIN_TOKENS_PER_SPLIT`` tokens. ``sms`` overrides the device's SM count (the sm_90 compile report and the
+    bandwidth model use the H100's 132)."""
+    sms = sms if sms is not None else num_sms(device if device is not None else "cpu")
+    grid = max(1, programs * num_kv_heads)
+    wanted = math.ceil(PROGRAMS_PER_SM * sms / grid)
+    useful = math.ceil(max(1, max_seq_len) / MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def split_bounds(num_keys: int, split: int, num_splits: int) -> tuple[int, int]:
+    """Host mirror of ``split_range``: the [start, end) keys split ``split`` owns (start >= end: none)."""
+    tiles = -(-num_keys // BLOCK_N)
+    per_split = max(-(-tiles // num_splits), MIN_TILES_PER_SPLIT)
+    start = split * per_split * BLOCK_N
+    return start, min(start + per_split * BLOCK_N, num_keys)
+
+
+def active_splits(num_keys: int, num_splits: int) -> int:
+    """How many of ``num_splits`` splits hold keys for a range of ``num_keys`` keys."""
+    return sum(1 for s in range(num_splits) if split_bounds(num_keys, s, num_splits)[0] < num_keys)
+
+
+@triton.jit
+def split_range(num_keys, split, num_splits, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr):
+    """The [start, end) keys of ``split``: equal runs of at least MIN_TILES tiles; later splits may be empty."""
+    tiles = tl.cdiv(num_keys, BLOCK_N)
+    per_split = tl.maximum(tl.cdiv(tiles, num_splits), MIN_TILES)
+    start = split * per_split * BLOCK_N
+    end = tl.minimum(start + per_split * BLOCK_N, num_keys)
+    return start, end
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_ob, stride_oh,
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (row, head): the log-sum-exp weighted sum of the splits' normalised outputs, BLOCK_S splits
+    # per loop step (one compiled kernel for every split count), rescaled online as the running max grows.
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    row0 = (row.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)   # running max of the lse (log2 units)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        lse = tl.load(part_lse_ptr + row0 + s0 + s, mask=s0 + s < num_splits, other=float("-inf"))
+        # Only splits that hold keys wrote an output: the others' rows are never read (a masked load gives 0),
+        # so neither their memory traffic nor their uninitialised contents (NaN times a weight of 0) get in.
+        held = lse > float("-inf")
+        parts = tl.load(part_out_ptr + (row0 + s0 + s)[:, None] * HEAD_DIM + d[None, :],
+                        mask=held[:, None] & d_mask[None, :], other=0.0)           # [BLOCK_S, BLOCK_D]
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key so far: weights stay 0, not NaN
+        alpha = tl.exp2(m - m_sub)
+        w = tl.exp2(lse - m_sub)                                # 0 for a split without keys
+        acc = acc * alpha + tl.sum(parts * w[:, None], 0)
+        total = total * alpha + w
+        m = m_new
+    denom = tl.sum(total, 0)
+    o = acc / tl.where(denom > 0, denom, 1.0)                    # no split holds a key: zeros
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """part_out: [R, H, S, D] float32 (each split's normalised output), part_lse: [R, H, S] (log2 units, -inf
+    for a split without keys, whose part_out row may be unwritten) -> out [R, H, D]: per row and head, the
+    log-sum-exp weighted sum of the splits (zeros where no split holds a key)."""
+    rows, num_heads, num_splits, head_dim = part_out.shape
+    if rows == 0:
+        return
+    _merge_splits_kernel[(rows, num_heads)](
+        part_out, part_lse, out,
+        out.stride(0), out.stride(1),
+        num_splits,
+        HEAD_DIM=head_dim, BLOCK_S=MERGE_BLOCK_S, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=MERGE_NUM_WARPS,
+    )
