@@ -146,6 +146,7 @@ def build_report(dtypes=DTYPES, model_lens=MODEL_LENS) -> dict:
     variants: dict[str, dict] = {}        # key -> report row
     first_launch: dict[str, Launch] = {}
     uncovered: list[str] = []
+    checked = {"eager": 0, "cuda_graph": 0}     # serving launches whose variant was looked up
     with assume_sms(H100_SMS):
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
@@ -159,6 +160,7 @@ def build_report(dtypes=DTYPES, model_lens=MODEL_LENS) -> dict:
                     row = variants.setdefault(key, {"dtype": dtype_name, "labels": []})
                     row["labels"].append(f"{model_len // 1024}K {launch.label}")
                 for launch in serving_launches(backend, dtype, model_len):
+                    checked["cuda_graph" if launch.label.startswith("CUDA graph") else "eager"] += 1
                     key = launch_key(launch)
                     if key not in warm_keys:
                         uncovered.append(f"{dtype_name} {model_len // 1024}K {launch.name}: {launch.label}")
@@ -171,7 +173,7 @@ def build_report(dtypes=DTYPES, model_lens=MODEL_LENS) -> dict:
             "shared_limit_bytes": H100_SHARED_BYTES, "model_lens": list(model_lens),
             "shapes": {"num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
                        "block_size": BLOCK_SIZE},
-            "variants": rows, "uncovered": uncovered, "seconds": round(time.perf_counter() - started, 1)}
+            "variants": rows, "serving_launches_checked": checked, "uncovered": uncovered, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def problems(report: dict) -> list[str]:

@@ -23,9 +23,9 @@ from glmserve.kernels.triton.split_kv import (BLOCK_N, MIN_TILES_PER_SPLIT, choo
 
 __all__ = ["paged_decode_attention", "choose_num_splits", "dot_config", "DECODE_NUM_WARPS", "DECODE_NUM_STAGES"]
 
-# sm_90 (ptxas via triton's compiler, bench/RESULTS.md): 8 warps keep a 16 x 64 score tile and the 16 x 128 fp32
-# accumulator without spills; 5 stages are the fewest that give the loop two K/V buffers (the block-table load
-# feeding the K/V addresses takes stages of its own), 72 KB of shared memory, so three programs fit an SM.
+# sm_90, as triton 3.9 compiles them (bench/RESULTS.md): 8 warps take 74 registers, no spills; 5 stages are the
+# fewest that give the loop two K/V buffers (the block-table load feeding the K/V addresses takes stages of its
+# own: 3 or 4 leave one buffer, no overlap), 70.5 KB of shared memory, so three programs fit an SM.
 DECODE_NUM_WARPS = 8
 DECODE_NUM_STAGES = 5
 _LOG2E = 1.4426950408889634

@@ -36,7 +36,7 @@ MERGE_NUM_WARPS = 8
 def _device_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4   # the CPU interpreter runs programs one by one: few splits keep tests fast
+    return 2   # the CPU interpreter runs programs one by one: few splits (and merges) keep tests fast
 
 
 def num_sms(device: torch.device | str) -> int:
