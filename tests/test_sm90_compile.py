@@ -60,6 +60,17 @@ def test_the_report_covers_every_kernel_and_variant(report):
     assert report["uncovered"] == []
 
 
+def test_the_bandwidth_model_uses_what_the_compiler_reports(report):
+    # bench/kernels/decode_bandwidth_model.py predicts from recorded sm_90 figures: they must still hold.
+    from glmserve.bench.kernels.decode_bandwidth_model import DECODE_SM90, MERGE_SM90, KernelResources
+    bf16 = {(r["kernel"], r["constexprs"].get("DIRECT")): r for r in report["variants"] if r["dtype"] == "bfloat16"}
+    for recorded, row in ((DECODE_SM90, bf16[("_decode_split_kernel", False)]),
+                          (MERGE_SM90, bf16[("_merge_splits_kernel", None)])):
+        compiled = KernelResources(row["shared_bytes"], row["registers"], row["num_warps"], row["load_buffers"])
+        assert (compiled.resident_per_sm(), compiled.load_buffers, compiled.shared_bytes) == \
+            (recorded.resident_per_sm(), recorded.load_buffers, recorded.shared_bytes), (compiled, recorded)
+
+
 def test_problems_flags_each_failure_kind():
     def row(**kw):
         base = dict(kernel="_k", dtype="bfloat16", constexprs={}, error=None, spill_store_bytes=0,

@@ -25,11 +25,11 @@ MIN_TOKENS_PER_SPLIT = 128     # below this a split's fixed cost (query load, pa
 MIN_TILES_PER_SPLIT = MIN_TOKENS_PER_SPLIT // BLOCK_N
 PROGRAMS_PER_SM = 4            # enough resident programs per SM to keep its loads in flight (bench/RESULTS.md)
 MAX_SPLITS = 256               # 32K tokens at 128 a split; at batch 1 x 2 KV heads that is 512 programs
-# Splits the merge reads per loop step (one compiled merge for any split count). Its loads are not pipelined
-# (they feed no tl.dot), so each step costs a memory latency: 64 keeps 256 splits to four steps, in 64 registers
-# with 8 warps (ptxas, sm_90).
-MERGE_BLOCK_S = 64
-MERGE_NUM_WARPS = 8
+# Splits the merge reads per loop step (one compiled merge for any split count). Its loads feed no tl.dot and
+# are not pipelined, so a step costs a memory latency: 32 splits a step in 4 warps take 64 registers (ptxas,
+# sm_90), eight programs an SM, for the large batches whose merges have many programs and few steps.
+MERGE_BLOCK_S = 32
+MERGE_NUM_WARPS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,6 +88,9 @@ def _merge_splits_kernel(
 ):
     # One program per (row, head): the log-sum-exp weighted sum of the splits' normalised outputs, BLOCK_S splits
     # per loop step (one compiled kernel for every split count), rescaled online as the running max grows.
+    # A row's splits holding keys come first (split_range hands out key runs in order, and an extend row sees
+    # keys 0..its own position), so the loop stops at the first step with none: a CUDA-graph step sized for 32K
+    # tokens reads one step of log-sum-exps for a 1K sequence, not 256 splits' worth.
     row = tl.program_id(0)
     head = tl.program_id(1)
     row0 = (row.to(tl.int64) * tl.num_programs(1) + head) * num_splits
@@ -98,20 +101,27 @@ def _merge_splits_kernel(
     m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)   # running max of the lse (log2 units)
     acc = tl.zeros([BLOCK_D], tl.float32)
     total = tl.zeros([BLOCK_S], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        lse = tl.load(part_lse_ptr + row0 + s0 + s, mask=s0 + s < num_splits, other=float("-inf"))
+    s0 = 0
+    lse = tl.load(part_lse_ptr + row0 + s, mask=s < num_splits, other=float("-inf"))
+    more = tl.max(lse, 0) > float("-inf")
+    while more:
         # Only splits that hold keys wrote an output: the others' rows are never read (a masked load gives 0),
         # so neither their memory traffic nor their uninitialised contents (NaN times a weight of 0) get in.
         held = lse > float("-inf")
         parts = tl.load(part_out_ptr + (row0 + s0 + s)[:, None] * HEAD_DIM + d[None, :],
                         mask=held[:, None] & d_mask[None, :], other=0.0)           # [BLOCK_S, BLOCK_D]
+        # The next step's lse, loaded beside this step's outputs: one memory latency a step, not two.
+        nxt = s0 + BLOCK_S + s
+        lse_next = tl.load(part_lse_ptr + row0 + nxt, mask=nxt < num_splits, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse, 0))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key so far: weights stay 0, not NaN
-        alpha = tl.exp2(m - m_sub)
-        w = tl.exp2(lse - m_sub)                                # 0 for a split without keys
+        alpha = tl.exp2(m - m_new)                              # m_new is finite: this step holds a key
+        w = tl.exp2(lse - m_new)                                # 0 for a split without keys
         acc = acc * alpha + tl.sum(parts * w[:, None], 0)
         total = total * alpha + w
         m = m_new
+        s0 += BLOCK_S
+        lse = lse_next
+        more = tl.max(lse, 0) > float("-inf")
     denom = tl.sum(total, 0)
     o = acc / tl.where(denom > 0, denom, 1.0)                    # no split holds a key: zeros
     tl.store(out_ptr + row * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
@@ -119,8 +129,9 @@ def _merge_splits_kernel(
 
 def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
     """part_out: [R, H, S, D] float32 (each split's normalised output), part_lse: [R, H, S] (log2 units, -inf
-    for a split without keys, whose part_out row may be unwritten) -> out [R, H, D]: per row and head, the
-    log-sum-exp weighted sum of the splits (zeros where no split holds a key)."""
+    for a split without keys, whose part_out row may be unwritten; per row and head the splits with keys come
+    first) -> out [R, H, D]: per row and head, the log-sum-exp weighted sum of the splits (zeros where no split
+    holds a key)."""
     rows, num_heads, num_splits, head_dim = part_out.shape
     if rows == 0:
         return

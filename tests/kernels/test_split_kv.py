@@ -59,15 +59,18 @@ def _merge_ref(part_out, part_lse):
 
 
 def test_merge_never_reads_the_output_of_a_split_without_keys(device):
-    rows, heads, splits, dim = 3, 4, 70, 32            # 70 splits: two merge steps of 64
+    # Per row and head the splits holding keys come first (as the kernels write them); 70 splits are three merge
+    # steps of 32. Held counts: none, one step exactly, one more than a step, all of them, and random ones.
+    rows, heads, splits, dim = 3, 4, 70, 32
     gen = torch.Generator().manual_seed(0)
     part_out = torch.randn(rows, heads, splits, dim, generator=gen)
     part_lse = torch.randn(rows, heads, splits, generator=gen) * 4
-    empty = torch.rand(rows, heads, splits, generator=gen) < 0.5
-    empty[0, 0] = True                                   # a row where no split holds a key
-    empty[1, 1, :64] = True                              # the only keys in the second merge step
-    part_lse[empty] = float("-inf")
-    part_out[empty] = float("nan")                       # unwritten memory: must not reach the output
+    held = torch.randint(1, splits + 1, (rows, heads), generator=gen)
+    held[0, :] = torch.tensor([0, 32, 33, splits])
+    for r in range(rows):
+        for h in range(heads):
+            part_lse[r, h, held[r, h]:] = float("-inf")
+            part_out[r, h, held[r, h]:] = float("nan")   # unwritten memory: must not reach the output
     out = torch.full((rows, heads, dim), float("nan"), device=device)
     merge_splits(part_out.to(device), part_lse.to(device), out)
     expected = _merge_ref(part_out, part_lse)
