@@ -31,7 +31,8 @@ FAILED=0
 
 # has_modules A,B,...: true when python can import every module named.
 has_modules() {
-    "$PYTHON" -c "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1].split(',')))" "$1" 2>/dev/null
+    local check='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1].split(",")))'
+    "$PYTHON" -c "$check" "$1" 2>/dev/null
 }
 
 # run_step NAME LIMIT_SECONDS NEEDED_MODULES COMMAND...: runs COMMAND within min(LIMIT, what is left of the
@@ -71,9 +72,11 @@ for m in ("pytest", "sentencepiece", "safetensors", "transformers"):
     print(m, "installed" if importlib.util.find_spec(m) else "MISSING")
 '
 run_step install 25 pip "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation -e .
-run_step kernel_tests 105 pytest,sentencepiece "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels tests/test_cuda_graph.py
+run_step kernel_tests 105 pytest,sentencepiece "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels \
+    tests/test_cuda_graph.py
 run_step kernel_bench 60 - "$PYTHON" -u -m glmserve.bench.kernels.triton_kernels --out "$RESULTS/kernels.json"
-run_step decode_bench 85 sentencepiece "$PYTHON" -u -m glmserve.bench.kernels.decode_throughput --batch-sizes 1,64 --context 1024 --decode-steps 16 --skip-hf --out "$RESULTS/decode.json"
+run_step decode_bench 85 sentencepiece "$PYTHON" -u -m glmserve.bench.kernels.decode_throughput --batch-sizes 1,64 \
+    --context 1024 --decode-steps 16 --skip-hf --out "$RESULTS/decode.json"
 
 echo
 echo "=== summary (${SECONDS}s)"

@@ -25,16 +25,17 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def _steps() -> list[tuple[str, int, str, str]]:
-    """(name, limit seconds, needed modules, command) of every ``run_step`` line."""
+    """(name, limit seconds, needed modules, command) of every ``run_step`` line (continuations joined)."""
     steps = []
     lines = SCRIPT.read_text().splitlines()
     for i, line in enumerate(lines):
         match = STEP.match(line)
         if match:
             command = match.group(4)
-            while command.endswith("'") and command.count("'") % 2:     # a quoted script over several lines
-                i += 1
-                command += "\n" + lines[i]
+            while command.endswith("\\") or command.count("'") % 2:
+                i += 1                                   # a continued line, or a quoted script over several
+                quoted = command.count("'") % 2
+                command = (command + "\n" + lines[i]) if quoted else (command[:-1].rstrip() + " " + lines[i].strip())
             steps.append((match.group(1), int(match.group(2)), match.group(3), command))
     return steps
 

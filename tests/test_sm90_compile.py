@@ -51,9 +51,9 @@ def test_the_report_covers_every_kernel_and_variant(report):
         extend = {(r["constexprs"]["BLOCK_T"], r["constexprs"]["DIRECT"]) for r in by_kernel["_extend_kernel"]}
         assert extend == {(t, d) for t in (2, 4, 8) for d in (False, True)}     # ChatGLM3: 16 heads a group
         assert len(by_kernel["_merge_splits_kernel"]) == 1 and len(by_kernel["_write_kv_cache_kernel"]) == 1
-        for r in by_kernel["_decode_split_kernel"]:
-            assert r["load_buffers"] >= 2, "decode K/V loads are not software-pipelined"
-            assert r["num_stages"] >= 3 and r["registers"] > 0
+        for r in by_kernel["_decode_split_kernel"] + by_kernel["_extend_kernel"]:
+            assert r["load_buffers"] >= 2, f"{r['kernel']} {r['constexprs']}: K/V loads are not pipelined"
+            assert r["registers"] > 0
     # The serving launches checked against the warm-up include the CUDA-graph decode steps (whose split count is
     # fixed from the model length): they needed no variant of their own.
     assert report["serving_launches_checked"]["cuda_graph"] > 0 and report["serving_launches_checked"]["eager"] > 0
@@ -62,10 +62,14 @@ def test_the_report_covers_every_kernel_and_variant(report):
 
 def test_the_bandwidth_model_uses_what_the_compiler_reports(report):
     # bench/kernels/decode_bandwidth_model.py predicts from recorded sm_90 figures: they must still hold.
-    from glmserve.bench.kernels.decode_bandwidth_model import DECODE_SM90, MERGE_SM90, KernelResources
+    from glmserve.bench.kernels.decode_bandwidth_model import RECORDED_SM90, KernelResources
+    version = ".".join(report["triton"].split(".")[:2])
+    if version not in RECORDED_SM90:
+        pytest.skip(f"no sm_90 figures recorded for triton {report['triton']}")
+    decode, merge = RECORDED_SM90[version]
     bf16 = {(r["kernel"], r["constexprs"].get("DIRECT")): r for r in report["variants"] if r["dtype"] == "bfloat16"}
-    for recorded, row in ((DECODE_SM90, bf16[("_decode_split_kernel", False)]),
-                          (MERGE_SM90, bf16[("_merge_splits_kernel", None)])):
+    for recorded, row in ((decode, bf16[("_decode_split_kernel", False)]),
+                          (merge, bf16[("_merge_splits_kernel", None)])):
         compiled = KernelResources(row["shared_bytes"], row["registers"], row["num_warps"], row["load_buffers"])
         assert (compiled.resident_per_sm(), compiled.load_buffers, compiled.shared_bytes) == \
             (recorded.resident_per_sm(), recorded.load_buffers, recorded.shared_bytes), (compiled, recorded)

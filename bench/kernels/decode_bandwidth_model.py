@@ -85,10 +85,21 @@ class SplitPolicy:
         return -(-tiles // per_split) if tiles else 0, per_split
 
 
-# The bf16 decode (split-KV variant) and merge kernels as triton 3.9 compiles them for sm_90 (bench/RESULTS.md;
-# tests/test_sm90_compile.py checks these against a fresh compile).
-DECODE_SM90 = KernelResources(shared_bytes=72192, registers=74, num_warps=8, load_buffers=2)
-MERGE_SM90 = KernelResources(shared_bytes=2048, registers=64, num_warps=4, load_buffers=1)
+# The bf16 decode (split-KV variant) and merge kernels as triton compiles them for sm_90 (bench/RESULTS.md;
+# tests/test_sm90_compile.py checks the installed version's against a fresh compile). Triton 3.6, on the GPU
+# machine, gives the decode 90 registers: two programs per SM instead of three.
+RECORDED_SM90 = {
+    "3.9": (KernelResources(shared_bytes=72192, registers=74, num_warps=8, load_buffers=2),
+            KernelResources(shared_bytes=2048, registers=64, num_warps=4, load_buffers=1)),
+    "3.6": (KernelResources(shared_bytes=72192, registers=90, num_warps=8, load_buffers=2),
+            KernelResources(shared_bytes=2048, registers=63, num_warps=4, load_buffers=1)),
+}
+DECODE_SM90, MERGE_SM90 = RECORDED_SM90["3.9"]
+
+
+def recorded_resources(triton_version: str) -> tuple[KernelResources, KernelResources]:
+    """(decode, merge) as recorded for this triton's major.minor version (3.9's for others)."""
+    return RECORDED_SM90.get(".".join(triton_version.split(".")[:2]), RECORDED_SM90["3.9"])
 THIS_CODE = SplitPolicy("this code", 4, 128, 256, 2, False, MERGE_BLOCK_S)
 REVIEWED_CODE = SplitPolicy("reviewed code", 2, 256, 128, 0, True, None)
 # The reviewed decode kernel compiled the same way (triton 3.9, sm_90, num_warps 8, default 3 stages): one K/V
@@ -155,13 +166,13 @@ def predictions(decode: KernelResources, merge: KernelResources) -> list[tuple[P
     """(this code, the reviewed code) for each case."""
     for batch, context, _ in CASES:      # the model splits as the engine does
         assert THIS_CODE.splits(batch, context) == choose_num_splits(batch, NUM_KV_HEADS, context, sms=SMS)
-    return [(predict(THIS_CODE, decode, merge, b, c, g), predict(REVIEWED_CODE, REVIEWED_DECODE, REVIEWED_MERGE, b, c, g))
-            for b, c, g in CASES]
+    return [(predict(THIS_CODE, decode, merge, b, c, g),
+             predict(REVIEWED_CODE, REVIEWED_DECODE, REVIEWED_MERGE, b, c, g)) for b, c, g in CASES]
 
 
 def markdown(rows: list[tuple[Prediction, Prediction]]) -> str:
-    lines = ["| batch | context | splits from | splits (holding keys) | programs | KV MB | partials MB | in flight MB | "
-             "split + merge us | predicted TB/s | % of 3.35 | reviewed code: splits, us, TB/s |",
+    lines = ["| batch | context | splits from | splits (holding keys) | programs | KV MB | partials MB | "
+             "in flight MB | split + merge us | predicted TB/s | % of 3.35 | reviewed code: splits, us, TB/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for new, old in rows:
         mode = "this context" if new.mode == "eager" else f"the {new.mode[6:]} model (CUDA graph)"
@@ -195,12 +206,16 @@ def compiled_resources() -> tuple[KernelResources, KernelResources]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m glmserve.bench.kernels.decode_bandwidth_model",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+    parser.add_argument("--recorded", choices=sorted(RECORDED_SM90),
+                        help="use this triton version's recorded sm_90 figures instead of compiling now")
+    args = parser.parse_args(argv)
     from glmserve.bench.kernels.triton_launches import cuda_target_unavailable
-    reason = cuda_target_unavailable()
-    if reason:
-        print(f"cannot compile for sm_90 here ({reason}): the recorded sm_90 figures are used")
-        decode, merge = DECODE_SM90, MERGE_SM90
+    reason = None if args.recorded else cuda_target_unavailable()
+    if args.recorded or reason:
+        import triton
+        version = args.recorded or triton.__version__
+        print(f"the recorded sm_90 figures of triton {version}" + (f" (cannot compile here: {reason})" if reason else ""))
+        decode, merge = recorded_resources(version)
     else:
         decode, merge = compiled_resources()
     print(f"decode: {asdict(decode)}, {decode.resident_per_sm()} resident per SM; merge: {asdict(merge)}, "

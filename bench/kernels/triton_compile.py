@@ -1,7 +1,7 @@
 """Compile every Triton kernel variant the engine can launch for ChatGLM3-6B for an H100 (sm_90), on any machine.
 
   python -m glmserve.bench.kernels.triton_compile [--json report.json] [--dtypes bfloat16,float16,float32]
-  (or ``glmserve-bench sm90-compile``; run it without TRITON_INTERPRET: the interpreter compiles nothing)
+  (run it without TRITON_INTERPRET: the interpreter compiles nothing)
 
 What it does: it drives the Triton attention backend's ``forward`` at ChatGLM3-6B attention shapes (32 heads,
 2 KV groups, head_dim 128, block size 16, query/key/value as views of the fused QKV output as glm.py makes them)
@@ -53,7 +53,8 @@ def assume_sms(sms: int):
 def _attention_inputs(num_tokens: int, dtype: torch.dtype):
     """query/key/value views of one fused [T, (H + 2 KVH) * D] QKV output (as glm.py slices it) and small caches
     of the engine's layout (the strides do not depend on the number of blocks)."""
-    heads = torch.empty(num_tokens, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, dtype=dtype).unflatten(-1, (-1, HEAD_DIM))
+    qkv = torch.empty(num_tokens, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, dtype=dtype)
+    heads = qkv.unflatten(-1, (-1, HEAD_DIM))
     q = heads[:, :NUM_HEADS]
     k = heads[:, NUM_HEADS:NUM_HEADS + NUM_KV_HEADS]
     v = heads[:, NUM_HEADS + NUM_KV_HEADS:]
@@ -173,7 +174,8 @@ def build_report(dtypes=DTYPES, model_lens=MODEL_LENS) -> dict:
             "shared_limit_bytes": H100_SHARED_BYTES, "model_lens": list(model_lens),
             "shapes": {"num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
                        "block_size": BLOCK_SIZE},
-            "variants": rows, "serving_launches_checked": checked, "uncovered": uncovered, "seconds": round(time.perf_counter() - started, 1)}
+            "variants": rows, "serving_launches_checked": checked, "uncovered": uncovered,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def problems(report: dict) -> list[str]:
@@ -216,7 +218,8 @@ def markdown_table(report: dict) -> str:
             stats = f"| | | | | failed: {r['error']} |"
         else:
             spills = r["spill_store_bytes"] + r["spill_load_bytes"]
-            stats = f"| {r['load_buffers']} | {r['registers']} | {spills} | {r['shared_bytes'] / 1024:.1f} | {r['compile_s']:.1f} |"
+            stats = (f"| {r['load_buffers']} | {r['registers']} | {spills} | {r['shared_bytes'] / 1024:.1f} | "
+                     f"{r['compile_s']:.1f} |")
         labels = "; ".join(dict.fromkeys(r["labels"]))
         short = labels if len(labels) < 70 else labels[:67] + "..."
         lines.append(f"| {r['kernel'].lstrip('_')} | {_variant(r)} | {r['dtype']} | {r['num_warps']} | "
@@ -231,17 +234,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("sm90-compile: error: TRITON_INTERPRET=1 is set; the interpreter compiles nothing (unset it)",
+        print("triton_compile: error: TRITON_INTERPRET=1 is set; the interpreter compiles nothing (unset it)",
               file=sys.stderr)
         return 2
     dtypes = [d for d in args.dtypes.split(",") if d]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
-        print(f"sm90-compile: error: --dtypes takes {', '.join(DTYPES)}; got {args.dtypes!r}", file=sys.stderr)
+        print(f"triton_compile: error: --dtypes takes {', '.join(DTYPES)}; got {args.dtypes!r}", file=sys.stderr)
         return 2
     reason = cuda_target_unavailable()
     if reason:
-        print(f"sm90-compile: cannot target CUDA here: {reason}", file=sys.stderr)
+        print(f"triton_compile: cannot target CUDA here: {reason}", file=sys.stderr)
         return EXIT_NO_CUDA_TARGET
     report = build_report(tuple(dtypes))
     print(markdown_table(report))

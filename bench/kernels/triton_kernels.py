@@ -106,8 +106,12 @@ def decode_splits(batch: int, context: int) -> dict[str, int]:
 
 
 def _predicted_us(batch: int, context: int, graph: bool) -> float:
-    from glmserve.bench.kernels.decode_bandwidth_model import DECODE_SM90, MERGE_SM90, THIS_CODE, predict
-    return predict(THIS_CODE, DECODE_SM90, MERGE_SM90, batch, context, GRAPH_MODEL_LEN if graph else None).total_us
+    """The bandwidth model's time for this case (an H100, this triton's recorded sm_90 compile)."""
+    import triton
+
+    from glmserve.bench.kernels.decode_bandwidth_model import THIS_CODE, predict, recorded_resources
+    decode, merge = recorded_resources(triton.__version__)
+    return predict(THIS_CODE, decode, merge, batch, context, GRAPH_MODEL_LEN if graph else None).total_us
 
 
 def bench_decode(batch: int, context: int, peak_gbps: float | None) -> dict:

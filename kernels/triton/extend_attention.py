@@ -7,7 +7,7 @@ KV group, flattened into the M = BLOCK_T * BLOCK_G rows of ``tl.dot`` (row r = t
 r % BLOCK_G), so each K/V tile is loaded once for the whole group. A short chunk over a long cached context has
 few query tiles (ChatGLM3: 8 tokens a tile), so the keys a tile sees are also cut into ``num_splits`` ranges
 (split-KV, ``split_kv.py``, as in decode): each split holding keys writes its partial output and log-sum-exp and
-the merge kernel combines them per token. The K/V tile loads are software-pipelined (``EXTEND_NUM_STAGES``).
+the merge kernel combines them per token. The K/V tile loads are software-pipelined (``extend_num_stages``).
 """
 from __future__ import annotations
 
@@ -20,9 +20,14 @@ from glmserve.kernels.triton.split_kv import (BLOCK_N, MIN_TILES_PER_SPLIT, choo
                                               split_range)
 
 BLOCK_M = 128   # query rows (tokens x heads of a group) per program
-# sm_90 (ptxas via triton's compiler, bench/RESULTS.md): fewer warps spill registers at D=128 with 128 query rows.
+# sm_90, as triton 3.9 compiles them (bench/RESULTS.md): 4 warps spill registers at D=128 with 128 query rows, 8
+# do not. The K/V loads get two shared-memory buffers (loads overlapping the tile being multiplied) from 3
+# stages with 64 or more query rows, but need 5 with 32 or fewer (ChatGLM3's 2-token tiles), as in decode.
 EXTEND_NUM_WARPS = 8
-EXTEND_NUM_STAGES = 3
+
+
+def extend_num_stages(block_t: int, block_g: int) -> int:
+    return 5 if block_t * block_g <= 32 else 3
 _LOG2E = 1.4426950408889634
 
 
@@ -189,7 +194,7 @@ def paged_extend_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=BLOCK_N,
         MIN_TILES=MIN_TILES_PER_SPLIT, DIRECT=direct, UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=EXTEND_NUM_WARPS, num_stages=EXTEND_NUM_STAGES,
+        num_warps=EXTEND_NUM_WARPS, num_stages=extend_num_stages(block_t, block_g),
     )
     if not direct:
         merge_splits(part_out, part_lse, out)
