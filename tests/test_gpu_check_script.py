@@ -135,6 +135,7 @@ def _run(tmp_path: Path, budget: int | None = None, **fake) -> tuple[int, str, l
 
 
 @needs_bash
+@pytest.mark.subprocess
 def test_a_clean_run_passes_every_step_and_leaves_its_files(tmp_path):
     rc, stdout, summary = _run(tmp_path)
     assert rc == 0, stdout
@@ -150,6 +151,7 @@ def test_a_clean_run_passes_every_step_and_leaves_its_files(tmp_path):
 
 
 @needs_bash
+@pytest.mark.subprocess
 def test_a_missing_module_skips_its_step_and_a_failure_does_not_stop_the_rest(tmp_path):
     rc, stdout, summary = _run(tmp_path, missing="pytest", fail="triton_kernels")
     assert rc == 1, stdout
@@ -160,6 +162,7 @@ def test_a_missing_module_skips_its_step_and_a_failure_does_not_stop_the_rest(tm
 
 
 @needs_bash
+@pytest.mark.subprocess
 def test_a_hanging_step_is_cut_at_the_budget_and_the_rest_skipped(tmp_path):
     rc, stdout, summary = _run(tmp_path, budget=9, slow="pytest")
     assert rc == 1

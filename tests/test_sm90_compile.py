@@ -20,6 +20,7 @@ from glmserve.bench.kernels.triton_compile import EXIT_NO_CUDA_TARGET, HALF_DTYP
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
+    """The compile report for bf16 and fp16, from a subprocess (tests using it are marked ``subprocess``)."""
     out = tmp_path_factory.mktemp("sm90") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "glmserve.bench.kernels.triton_compile",
@@ -33,11 +34,13 @@ def report(tmp_path_factory) -> dict:
     return result
 
 
+@pytest.mark.subprocess
 def test_every_variant_compiles_for_sm90_without_spills_within_shared_memory(report):
     assert not report["problems"], "\n".join(report["problems"])
     assert report["returncode"] == 0, report["stdout"][-3000:]
 
 
+@pytest.mark.subprocess
 def test_the_report_covers_every_kernel_and_variant(report):
     rows = report["variants"]
     for dtype in HALF_DTYPES:
@@ -60,6 +63,7 @@ def test_the_report_covers_every_kernel_and_variant(report):
     assert report["uncovered"] == []
 
 
+@pytest.mark.subprocess
 def test_the_bandwidth_model_uses_what_the_compiler_reports(report):
     # bench/kernels/decode_bandwidth_model.py predicts from recorded sm_90 figures: they must still hold.
     from glmserve.bench.kernels.decode_bandwidth_model import RECORDED_SM90, KernelResources

@@ -18,7 +18,7 @@ import torch
 from glmserve.bench.kernels.triton_launches import (Launch, cuda_target_unavailable, launch_key, record_launches,
                                                     triton_kernels)
 from glmserve.engine.attention.triton_backend import TritonAttentionBackend
-from glmserve.engine.config.engine_config import MODEL_PRESETS
+from glmserve.engine.config.model_config import MODEL_PRESETS
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.model.checkpoint_writer import write_checkpoint
 from glmserve.engine.text.tokenizer import embedded_tokenizer_path
