@@ -27,6 +27,7 @@ from glmserve.bench.common.output import output_path
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 2, 128, 16   # ChatGLM3-6B attention, the engine's block size
 DTYPE = torch.bfloat16
+DEVICE = "cuda"                  # (tests/test_bench_triton_kernels.py runs the same code in the CPU interpreter)
 GRAPH_MODEL_LEN = 32768          # chatglm3-6b-32k: the CUDA-graph path's split count comes from it
 DECODE_BATCHES = (1, 16, 64)
 DECODE_CONTEXTS = (1024, 32768)
@@ -50,6 +51,8 @@ def detect_peak_gbps(device_name: str) -> float | None:
 
 
 def _fits(num_bytes: int, margin: float = 0.7) -> bool:
+    if DEVICE != "cuda":
+        return True
     free, _ = torch.cuda.mem_get_info()
     return num_bytes < margin * free
 
@@ -71,11 +74,11 @@ class PagedReplicas:
     def __init__(self, batch: int, length: int, replicas: int, table_width: int | None = None):
         blocks = length // BLOCK_SIZE
         total = replicas * batch * blocks
-        self.k_cache = torch.randn(total, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        self.k_cache = torch.randn(total, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
         self.v_cache = torch.randn_like(self.k_cache)
-        order = torch.randperm(total, device="cuda").int().view(replicas, batch, blocks)
+        order = torch.randperm(total, device=DEVICE).int().view(replicas, batch, blocks)
         width = max(blocks, table_width or 0)      # a CUDA-graph step's table is as wide as the model length
-        self.tables = torch.zeros(replicas, batch, width, dtype=torch.int32, device="cuda")
+        self.tables = torch.zeros(replicas, batch, width, dtype=torch.int32, device=DEVICE)
         self.tables[:, :, :blocks] = order
         self.batch, self.length, self.replicas = batch, length, replicas
 
@@ -99,7 +102,7 @@ def decode_splits(batch: int, context: int) -> dict[str, int]:
     """The split counts timed: the engine's eager and CUDA-graph choices, and the reviewed 2-per-SM heuristic."""
     from glmserve.bench.kernels.decode_bandwidth_model import REVIEWED_CODE
     from glmserve.kernels.triton.split_kv import choose_num_splits
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     return {"eager": choose_num_splits(batch, NUM_KV_HEADS, context, device),
             "graph": choose_num_splits(batch, NUM_KV_HEADS, GRAPH_MODEL_LEN, device),
             "2/SM": REVIEWED_CODE.splits(batch, context)}
@@ -123,8 +126,8 @@ def bench_decode(batch: int, context: int, peak_gbps: float | None) -> dict:
     if not _fits(3 * replicas * kv_bytes):   # the paged replicas plus the contiguous copies SDPA reads
         return {**row, "skipped": "does not fit in free GPU memory"}
     kv = PagedReplicas(batch, context, replicas, table_width=GRAPH_MODEL_LEN // BLOCK_SIZE)
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    query = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(batch, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
     scale = HEAD_DIM ** -0.5
     splits = decode_splits(batch, context)
 
@@ -152,7 +155,8 @@ def bench_decode(batch: int, context: int, peak_gbps: float | None) -> dict:
     result["ms"]["sdpa"], result["gbps"]["sdpa"] = sdpa_ms, kv_bytes / sdpa_ms / 1e6
     result["peak_fraction"] = {m: g / peak_gbps for m, g in result["gbps"].items()} if peak_gbps else None
     del kv, k_contig, v_contig
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return result
 
 
@@ -171,9 +175,9 @@ def bench_prefill(name: str, batch: int, new: int, context: int) -> dict:
     if not _fits(kv_bytes * (replicas + 2 + group)):   # paged replicas, contiguous copy, KV repeated for SDPA
         return {**row, "skipped": "does not fit in free GPU memory"}
     kv = PagedReplicas(batch, context, replicas)
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    query_start_loc = torch.arange(0, (batch + 1) * new, new, dtype=torch.int32, device="cuda")
-    query = torch.randn(batch * new, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    query_start_loc = torch.arange(0, (batch + 1) * new, new, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(batch * new, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
     scale = HEAD_DIM ** -0.5
 
     def run(replica: int):
@@ -187,7 +191,7 @@ def bench_prefill(name: str, batch: int, new: int, context: int) -> dict:
             return _sdpa_gqa(q, k, v, is_causal=True, scale=scale)
     else:
         # A chunk's causal mask is aligned bottom-right (query i sits at position context - new + i).
-        mask = torch.ones(new, context, dtype=torch.bool, device="cuda").tril(context - new)
+        mask = torch.ones(new, context, dtype=torch.bool, device=DEVICE).tril(context - new)
         k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
 
         def sdpa():
@@ -199,7 +203,8 @@ def bench_prefill(name: str, batch: int, new: int, context: int) -> dict:
     sdpa_ms = _time_ms(sdpa, 1)
     flops = 4 * NUM_HEADS * HEAD_DIM * batch * _causal_pairs(new, context)   # QK^T and PV, 2 flops a MAC
     del kv, k, v
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return {**row, "flops": flops, "replicas": replicas, "triton_ms": triton_ms,
             "triton_tflops": flops / triton_ms / 1e9, "sdpa_ms": sdpa_ms, "sdpa_tflops": flops / sdpa_ms / 1e9,
             "speedup_vs_sdpa": sdpa_ms / triton_ms, "max_abs_diff": diff}
@@ -232,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results as JSON to this path (after every point)")
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth of the GPU (default: from its name)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("glmserve.bench.kernels.triton_kernels needs a CUDA GPU (the Triton kernels are benchmarked "
               "compiled); none found.", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     peak = args.peak_gbps or detect_peak_gbps(name)
     torch.manual_seed(0)
     result = {"device": name, "peak_gbps": peak, "dtype": str(DTYPE).removeprefix("torch."),
