@@ -27,6 +27,7 @@ from dataclasses import asdict
 
 import torch
 
+from glmserve.bench.common.output import output_path
 from glmserve.bench.kernels.triton_launches import (H100_SHARED_BYTES, H100_SMS, Launch, compile_launch,
                                                     cuda_target_unavailable, launch_key, record_launches)
 
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     for problem in found:
         print(f"PROBLEM: {problem}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+        with open(output_path(args.json), "w", encoding="utf-8") as f:
             json.dump({**report, "problems": found}, f, indent=2)
     return 1 if found else 0
 
