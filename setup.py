@@ -47,6 +47,11 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        # Structured outputs (engine/structured). xgrammar pins no version of what it pulls in: torch>=1.10 (held
+        # by our own torch bound above; install the CPU or CUDA build first, as the Makefile and Dockerfile do)
+        # and transformers, which it imports at import time; the floor below is the one the test extra uses.
+        "xgrammar>=0.2.9",
+        "transformers>=4.46",
     ] + GRPC,
     extras_require={
         "test": [
@@ -59,6 +64,7 @@ setup(
             "grpcio-tools==1.85.1",
             "kubernetes-validate>=1.28",
             "pyyaml>=6",
+            "jsonschema>=4.17",   # structured-output tests validate every constrained output with it
         ],
         "bench": ["matplotlib>=3.7", "transformers>=4.46"],
     },
