@@ -7,8 +7,8 @@ is, so that every accepted schema's output validates:
 
 - ``type`` (one or a list), ``enum``, ``const``, ``anyOf``, local ``$ref`` into ``$defs``/``definitions``;
 - strings: ``minLength``/``maxLength``; integers: ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum``;
-- numbers: the same bounds (the grammar writes, within them, integers and decimals whose whole part keeps every
-  fraction inside: a subset of the valid numbers, never a value outside);
+- numbers: the same bounds (the grammar writes, within them, integers and decimals with up to 6 fraction digits
+  whose whole part keeps every fraction inside: a subset of the valid numbers, never a value outside);
 - arrays: ``items``, ``minItems``/``maxItems``; objects: ``properties`` in their declared order, ``required``,
   ``additionalProperties`` (only a schema opens an object without properties to other keys).
 
@@ -39,6 +39,9 @@ _BY_TYPE = {
 }
 _SUPPORTED = _ANNOTATIONS | {"type", "enum", "const", "anyOf", "$ref"} | set().union(*_BY_TYPE.values())
 
+# Fraction digits of a bounded number: as many as a float carries meaningfully, so that a bounded value is also
+# bounded in length (xgrammar does the same for JSON numbers with bounds).
+FRACTION = "[0-9]{1,6}"
 # Shared rules, added to a grammar when first used.
 _BASE_RULES = {
     "py_char": r'[^"\\\0-\x1f] | "\\" ["\\nrt]',
@@ -161,11 +164,11 @@ class PythonLiteralGrammar:
         # "m.ddd" lies in [m, m + 1): allowed when m is (m >= low) and m + 1 <= upper.
         up_low, up_high = max(0, low if low is not None else 0), None if upper is None else math.floor(upper) - 1
         if up_high is None or up_low <= up_high:
-            parts.append(f'{integer_range_ebnf(up_low, up_high)} "." [0-9]+')
+            parts.append(f'{integer_range_ebnf(up_low, up_high)} "." {FRACTION}')
         # "-m.ddd" lies in (-(m + 1), -m]: allowed when -m is (-m <= high) and -(m + 1) >= lower.
         down_low, down_high = max(0, -high if high is not None else 0), None if lower is None else -math.ceil(lower) - 1
         if down_high is None or down_low <= down_high:
-            parts.append(f'"-" {integer_range_ebnf(down_low, down_high)} "." [0-9]+')
+            parts.append(f'"-" {integer_range_ebnf(down_low, down_high)} "." {FRACTION}')
         return " | ".join(f"({p})" for p in parts)
 
     def _array(self, schema: dict, path: str) -> str:
