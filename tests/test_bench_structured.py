@@ -27,7 +27,7 @@ def test_structured_bench_reports_both_kinds_and_compile_times(tmp_path, capsys)
     assert data["batch"] == 4 and len(data["none_tokens_per_s"]) == len(data["constrained_tokens_per_s"]) == 1
     assert data["none_median"] > 0 and data["constrained_median"] > 0
     assert data["loss"] == pytest.approx(1 - data["constrained_median"] / data["none_median"], abs=1e-3)
-    assert set(data["grammar_ms_per_step"]) == {"fill", "apply", "advance"}
+    assert set(data["grammar_ms_per_step"]) == {"fill", "mask", "advance"}
     assert all(v > 0 for v in data["grammar_ms_per_step"].values()) and 0 < data["grammar_share"] < 1
     names = [c["schema"] for c in data["compile"]]
     assert "ChatGLM3 tool call (2 tools)" in names and len(names) == 5

@@ -8,12 +8,14 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from glmserve.engine.core.errors import RequestError  # noqa: E402
 from glmserve.engine.core.sampling_params import SamplingParams, SamplingParamsError, StructuredOutput  # noqa: E402
+from glmserve.engine.structured.bitmask import TokenBitmask  # noqa: E402
 from glmserve.engine.structured.grammars import build_grammar, cache_key  # noqa: E402
 from glmserve.engine.structured.int_range import integer_range_ebnf  # noqa: E402
 from glmserve.engine.structured.tool_call_grammar import ToolChoice, tool_call_output  # noqa: E402
@@ -280,3 +282,53 @@ def test_tool_choice_errors_name_the_field(tools, choice, field, words):
 
 def test_auto_leaves_the_reply_free():
     assert tool_call_output([WEATHER], ToolChoice("auto")) is None
+
+
+# ---- the mask in the sampler ---------------------------------------------------------------------------------------
+def _random_bits(rng: np.random.Generator, batch: int, width: int, density: float) -> torch.Tensor:
+    allowed = rng.random((batch, -(-width // 32) * 32)) < density
+    return torch.from_numpy(np.packbits(allowed, axis=1, bitorder="little").view(np.int32).copy())
+
+
+@pytest.mark.parametrize("width", [4096, 65024, 1000])
+def test_the_cpu_mask_agrees_with_xgrammars_kernel(width):
+    rng = np.random.default_rng(width)
+    bits = _random_bits(rng, 9, width, 0.3)
+    logits = torch.randn(9, width)
+    reference = logits.clone()
+    xgr.apply_token_bitmask_inplace(reference, bits, vocab_size=width)
+    for rows in (list(range(9)), [0, 4, 8]):
+        mask = TokenBitmask(bits, rows)
+        got = mask.masked(logits) if len(rows) == 9 else mask.masked_rows(logits)
+        want = reference if len(rows) == 9 else reference[rows]
+        banned = torch.isinf(want)
+        assert torch.equal(got < -1e29, banned) and torch.equal(got[~banned], want[~banned])
+    assert torch.equal(logits, logits.clone())   # the input is untouched
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.0),
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.3, presence_penalty=0.5),
+    dict(temperature=1.0, logprobs=5, min_tokens=10),
+])
+def test_the_sampler_draws_only_allowed_tokens_and_leaves_free_rows_alone(params):
+    from glmserve.engine.worker.sampler import Sampler, SamplingRow
+    rng = np.random.default_rng(0)
+    width, vocab = 4096, 4000
+    sampler = Sampler(vocab, eos_token_id=2)
+    for trial in range(20):
+        bits = _random_bits(rng, 4, width, 0.002)
+        bits[1] = -1                                   # row 1 is free
+        logits = torch.randn(4, width) * 5
+        rows = [SamplingRow(SamplingParams(**params), [5, 6], [7]) for _ in range(4)]
+        out = sampler(logits, rows, TokenBitmask(bits, [0, 2, 3]))
+        words = bits.numpy().view(np.uint32)
+        for i in (0, 2, 3):
+            allowed = {t for t in range(vocab) if (int(words[i, t >> 5]) >> (t & 31)) & 1}
+            if allowed:
+                assert out.token_ids[i] in allowed
+            if params.get("logprobs"):
+                assert all(t in allowed or lp == float("-inf") for t, lp in out.top_logprobs[i])
+        if params["temperature"] == 0.0:
+            assert out.token_ids[1] == int(logits[1, :vocab].argmax())

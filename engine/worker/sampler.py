@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from glmserve.engine.core.sampling_params import SamplingParams
-from glmserve.engine.structured.bitmask import TokenBitmask
+from glmserve.engine.structured.bitmask import MASKED_LOGIT, TokenBitmask
 
 NEG_INF = float("-inf")
 
@@ -54,15 +54,17 @@ class Sampler:
             if bitmask is None:
                 return _output(logits[:, :self.vocab_size].argmax(dim=-1), None, rows)
             return _output(self._constrained_argmax(logits, bitmask), None, rows)
-        logits = logits.to(torch.float32, copy=True)  # edited in place below; the caller's tensor stays intact
+        # A float32 copy, edited in place below (the caller's tensor stays intact); the grammar mask is applied
+        # in the same pass.
+        logits = logits.to(torch.float32, copy=True) if bitmask is None else bitmask.masked(logits)
         if logits.shape[1] > self.vocab_size:
             logits[:, self.vocab_size:] = NEG_INF
-        if bitmask is not None:
-            bitmask.apply(logits)
         # Reported logprobs are those of the model (after the padding and grammar masks), not of the processed
         # distribution.
         want_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if raw_logprobs is not None and bitmask is not None:   # a disallowed token has probability 0: -inf
+            raw_logprobs = raw_logprobs.masked_fill(raw_logprobs < MASKED_LOGIT / 2, NEG_INF)
         self._mask_stops_before_min_tokens(logits, rows, set(bitmask.rows) if bitmask is not None else set())
         apply_penalties(logits, rows)
         token_ids = self._choose(logits, rows)
@@ -77,10 +79,10 @@ class Sampler:
 
     def _constrained_argmax(self, logits: torch.Tensor, bitmask: TokenBitmask) -> torch.Tensor:
         """Greedy token ids [B] with the bitmask's rows masked; only those rows are copied."""
+        if len(bitmask.rows) == logits.shape[0]:
+            return bitmask.masked(logits[:, :self.vocab_size]).argmax(dim=-1)
         token_ids = logits[:, :self.vocab_size].argmax(dim=-1)
-        constrained = logits[bitmask.rows, :self.vocab_size]           # [R, V], a copy
-        bitmask.apply_to_rows(constrained)
-        token_ids[bitmask.rows] = constrained.argmax(dim=-1)
+        token_ids[bitmask.rows] = bitmask.masked_rows(logits[:, :self.vocab_size]).argmax(dim=-1)
         return token_ids
 
     def _mask_stops_before_min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
