@@ -15,9 +15,9 @@ import pytest
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
-from glmserve.engine.core.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from glmserve.engine.core.outputs import RequestOutput  # noqa: E402
 from glmserve.engine.core.sampling_params import SamplingParams, StructuredOutput  # noqa: E402
-from glmserve.engine.entrypoints.llm import merge_delta  # noqa: E402
+from glmserve.engine.entrypoints.chat import ChatTemplate  # noqa: E402
 from glmserve.engine.structured.tool_call_grammar import ToolChoice, tool_call_output  # noqa: E402
 from glmserve.engine.text.chat_format import ChatMessage, build_chat_prompt  # noqa: E402
 from glmserve.engine.text.tool_call import parse_tool_call  # noqa: E402
@@ -81,14 +81,15 @@ def engine(tiny_checkpoint):
 
 
 def run(engine, requests) -> dict[str, RequestOutput]:
-    """Add (request_id, prompt, params, chat) requests, step until idle; accumulated outputs by id."""
+    """Add (request_id, prompt, params, chat) requests (a chat's params as the chat layer makes them), step until
+    idle; accumulated outputs by id."""
+    template = ChatTemplate(engine.tokenizer)
     results = {}
     for request_id, prompt, params, chat in requests:
-        engine.add_request(request_id, prompt, params, chat=chat)
-        results[request_id] = RequestOutput(request_id, prompt, [CompletionOutput(i) for i in range(params.n)], False)
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            merge_delta(results[delta.request_id], delta)
+        engine.add_request(request_id, prompt, template.sampling_params(params) if chat else params)
+        results[request_id] = RequestOutput.empty(request_id, prompt, params.n)
+    for delta in engine.step_until_idle():
+        results[delta.request_id].merge(delta)
     assert_no_leaks(engine)
     return results
 
@@ -212,7 +213,7 @@ def test_preempted_constrained_requests_follow_their_grammar_and_sample_the_same
     roomy = run(make_engine(str(tiny_checkpoint), num_kv_blocks=1024), requests)
     small = make_engine(str(tiny_checkpoint), num_kv_blocks=30, max_num_batched_tokens=2048)
     tight = run(small, requests)
-    assert small.stats()["num_preemptions"] > 0
+    assert small.stats().num_preemptions > 0
     for i in range(10):
         out = tight[f"p{i}"].outputs[0]
         jsonschema.validate(json.loads(out.text), params[i].structured.json_schema)
@@ -281,7 +282,8 @@ def test_a_slow_compile_holds_up_only_its_own_request(tiny_checkpoint):
         if finished >= {"free1", "free2", "free3"}:
             break
     assert finished == {"free1", "free2", "free3"}      # stepped on while the grammar compiled
-    assert engine.scheduler.num_waiting == 1 and engine.scheduler.requests["constrained"].num_computed_tokens == 0
+    assert engine.scheduler.num_waiting == 1
+    assert engine.scheduler.requests[("constrained", 0)].num_computed_tokens == 0
     release.set()
     text = ""
     while engine.has_unfinished_requests():

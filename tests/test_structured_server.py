@@ -124,3 +124,24 @@ def test_the_proto_oneof_holds_one_kind():
     msg = pb.SamplingParams(regex="a")
     msg.choice.CopyFrom(pb.ChoiceList(choices=["x"]))
     assert msg.WhichOneof("structured") == "choice" and not msg.HasField("regex")
+
+
+@pytest.mark.subprocess
+def test_structured_requests_through_an_engine_core_process():
+    """``glmserve serve`` runs the engine core in its own process: the request's StructuredOutput crosses the
+    process boundary, the grammar compiles there, and a bad one is still refused by the frontend."""
+    from glmserve.engine.entrypoints.grpc.client import GenerationClient
+
+    from .server_fixtures import ServeProcess
+    proc = ServeProcess()
+    try:
+        proc.wait_for_line("glmserve: ready")
+        with GenerationClient(proc.target) as c:
+            [sample] = collect(c.generate("hi", json_schema=SCHEMA, seed=1, **SAMPLED))
+            jsonschema.validate(json.loads(sample.text), SCHEMA)
+            [call] = collect(c.chat(CHAT, tools=TOOLS, tool_choice="required", seed=2, **SAMPLED))
+            assert call.finish_reason == "tool_call" and call.tool_call.name in {"get_weather", "get_time"}
+            err = rpc_error(lambda: list(c.generate("hi", regex="(", max_tokens=4)))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "structured.regex" in err.details()
+    finally:
+        proc.close()

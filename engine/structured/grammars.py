@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from glmserve.engine.core.sampling_params import SamplingParamsError, StructuredOutput
@@ -62,6 +64,26 @@ def build_grammar(spec: StructuredOutput, *, chat: bool):
     if chat and kind != "tool_call":
         grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {ebnf_string(CHAT_CONTENT_PREFIX)}"), grammar)
     return grammar
+
+
+_CHECKED_MAX = 256
+_checked: OrderedDict[tuple, bool] = OrderedDict()
+_checked_lock = threading.Lock()
+
+
+def check_structured(spec: StructuredOutput, *, chat: bool) -> None:
+    """Parse ``spec`` as the engine core will, so that a frontend refuses a bad one before sending it (the last
+    ``_CHECKED_MAX`` good ones are remembered). Raises SamplingParamsError naming the problem."""
+    key = cache_key(spec, chat)
+    with _checked_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            return
+    build_grammar(spec, chat=chat)
+    with _checked_lock:
+        _checked[key] = True
+        while len(_checked) > _CHECKED_MAX:
+            _checked.popitem(last=False)
 
 
 def engine_message(exc: BaseException) -> str:
