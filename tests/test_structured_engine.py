@@ -137,7 +137,8 @@ def test_hundreds_of_sampled_outputs_all_parse_and_validate(engine):
     for choices in CHOICES:
         for i in range(8):
             add(lambda out, c=choices: (out.finish_reason == "stop" and out.text in c) or
-                pytest.fail(f"{out.text!r} is not one of {c}"), prompts[(i * 3 + 1) % 64], StructuredOutput(choice=choices))
+                pytest.fail(f"{out.text!r} is not one of {c}"), prompts[(i * 3 + 1) % 64],
+                StructuredOutput(choice=choices))
 
     def tool_check(names):
         def check(out):
@@ -325,3 +326,19 @@ def test_bad_structured_requests_are_refused_before_queuing(engine):
             engine.add_request("bad", [5, 6, 7], SamplingParams(structured=spec))
         assert info.value.field == field
     assert not engine.has_unfinished_requests()
+
+
+def test_the_compiled_cache_keeps_within_its_byte_budget(tiny_checkpoint):
+    from glmserve.engine.structured.compiler import StructuredOutputs
+    engine = make_engine(str(tiny_checkpoint))
+    cache = StructuredOutputs(engine.tokenizer, engine.model_config.padded_vocab_size, max_cached_bytes=1)
+    first = cache.compile(StructuredOutput(regex="a+"), chat=False)
+    first.result()
+    cache.compile(StructuredOutput(regex="b+"), chat=False).result()
+    cache.compile(StructuredOutput(regex="c+"), chat=False).result()
+    assert cache.compile(StructuredOutput(regex="c+"), chat=False).done()   # the newest stays
+    again = cache.compile(StructuredOutput(regex="a+"), chat=False)
+    assert again is not first   # evicted: compiled anew
+    again.result()
+    assert cache.stats.compiles == 4
+    cache.shutdown()

@@ -62,7 +62,8 @@ class StructuredOutput:
         if not isinstance(self.json_object, bool):
             raise SamplingParamsError("structured.json_object", f"structured.json_object must be a boolean, "
                                       f"got {self.json_object!r}")
-        if self.json_schema is not None and not (isinstance(self.json_schema, dict) or _non_empty_str(self.json_schema)):
+        schema = self.json_schema
+        if schema is not None and not (isinstance(schema, dict) or _non_empty_str(schema)):
             raise SamplingParamsError("structured.json_schema", "structured.json_schema must be a JSON object or "
                                       f"non-empty JSON text, got {type(self.json_schema).__name__}")
         for name in ("regex", "grammar", "tool_call"):

@@ -8,7 +8,9 @@ thread keeps stepping meanwhile.
 
 Both caches are keyed by (kind, the schema/regex/choices/EBNF text, chat): requests with the same schema share one
 parse and one compiled grammar (and the samples of an n > 1 request always do). They keep the most recently used
-``max_cached`` entries. xgrammar, and the vocabulary it is told about, load on the first structured request only.
+``max_cached`` entries, the compiled ones also within ``max_cached_bytes`` (a compiled grammar holds token masks
+over the whole vocabulary: 0.2-2 MiB each on ChatGLM3's for typical API schemas). xgrammar, and the vocabulary it
+is told about, load on the first structured request only.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from glmserve.engine.text.tokenizer import ChatGLMTokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CACHED = 256
+DEFAULT_MAX_CACHED_BYTES = 256 << 20
 
 
 @dataclass
@@ -43,10 +46,11 @@ class StructuredOutputs:
     """One per engine: validates, compiles and caches grammars, and makes each constrained request's state."""
 
     def __init__(self, tokenizer: ChatGLMTokenizer, width: int, *, max_cached: int = DEFAULT_MAX_CACHED,
-                 compile_threads: int = 1):
+                 max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES, compile_threads: int = 1):
         self._tokenizer = tokenizer
         self._width = width                  # logits columns (the model's padded vocabulary)
         self._max_cached = max_cached
+        self._max_cached_bytes = max_cached_bytes
         self._compile_threads = compile_threads
         self._lock = threading.Lock()        # validate() runs on server threads, the rest on the engine thread
         self._parsed: OrderedDict[tuple, object] = OrderedDict()
@@ -82,6 +86,7 @@ class StructuredOutputs:
                 self._pool = ThreadPoolExecutor(self._compile_threads, thread_name_prefix="glmserve-grammar")
             future = self._pool.submit(self._compile_now, grammar, mask_first)
             self._remember(self._compiled, key, future)
+            self._trim_compiled()
         return future
 
     def shutdown(self) -> None:
@@ -106,6 +111,17 @@ class StructuredOutputs:
         cache.move_to_end(key)
         while len(cache) > self._max_cached:
             cache.popitem(last=False)
+
+    def _trim_compiled(self) -> None:
+        """Drop the least recently used compiled grammars past the byte budget (the newest always stays; requests
+        holding a dropped one keep it)."""
+        sizes = [_size(f) for f in self._compiled.values()]
+        total = sum(sizes)
+        for key, size in zip(list(self._compiled), sizes[:-1]):
+            if total <= self._max_cached_bytes:
+                break
+            del self._compiled[key]
+            total -= size
 
     def _compile_now(self, grammar, mask_first_token: bool) -> CompiledSpec:
         """Runs in the worker thread."""
@@ -139,3 +155,10 @@ class StructuredOutputs:
             return (tok.special_token_ids["<|observation|>"],)
         extra = [t for t in stop_token_ids if tok.is_special(t) and t != tok.eos_token_id]
         return tuple(dict.fromkeys([tok.eos_token_id, *extra]))
+
+
+def _size(future: Future) -> int:
+    """Bytes of a compiled grammar (0 while it compiles, or if it failed)."""
+    if not future.done() or future.exception() is not None:
+        return 0
+    return future.result().grammar.memory_size_bytes
