@@ -47,9 +47,10 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.60",
-        # Structured outputs (engine/structured). xgrammar pins no version of what it pulls in: torch>=1.10 (held
-        # by our own torch bound above; install the CPU or CUDA build first, as the Makefile and Dockerfile do)
-        # and transformers, which it imports at import time; the floor below is the one the test extra uses.
+        # Structured outputs (engine/structured). xgrammar's own requirements are unpinned: torch>=1.10 (held by
+        # our torch bound above; install the CPU or CUDA build first, as the Makefile and Dockerfile do),
+        # transformers, which it imports at import time (the floor below is the test extra's), and on Linux x86_64
+        # triton, which only its GPU kernel uses: a CPU install gets triton through xgrammar.
         "xgrammar>=0.2.9",
         "transformers>=4.46",
     ] + GRPC,
