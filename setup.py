@@ -47,6 +47,12 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        # Structured outputs (engine/structured). xgrammar's own requirements are unpinned: torch>=1.10 (held by
+        # our torch bound above; install the CPU or CUDA build first, as the Makefile and Dockerfile do),
+        # transformers, which it imports at import time (the floor below is the test extra's), and on Linux x86_64
+        # triton, which only its GPU kernel uses: a CPU install gets triton through xgrammar.
+        "xgrammar>=0.2.9",
+        "transformers>=4.46",
     ] + GRPC,
     extras_require={
         "test": [
@@ -59,6 +65,7 @@ setup(
             "grpcio-tools==1.85.1",
             "kubernetes-validate>=1.28",
             "pyyaml>=6",
+            "jsonschema>=4.17",   # structured-output tests validate every constrained output with it
         ],
         "bench": ["matplotlib>=3.7", "transformers>=4.46"],
     },

@@ -36,6 +36,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                              "CPU fp32 linears: F.linear (MKL) against oneDNN, as stored and prepacked"),
     "cpu-attention": Subcommand("glmserve.bench.kernels.cpu_attention",
                                 "CPU paged decode attention: the torch reference against the native kernel"),
+    "structured": Subcommand("glmserve.bench.structured",
+                             "structured outputs: tokens/s all constrained against none, compile time per schema"),
     "decode": Subcommand("glmserve.bench.kernels.decode_throughput",
                          "end-to-end decode throughput against the bandwidth roofline and HF generate (GPU)"),
 }

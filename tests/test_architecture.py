@@ -12,7 +12,8 @@ import pytest
 from .paths import REPO_ROOT
 
 ROOTS = ("glmserve.engine", "glmserve.kernels", "glmserve.bench", "glmserve.proto")
-BELOW_ENTRYPOINTS = ("config", "text", "core", "attention", "model", "lora", "worker", "distributed", "runtime")
+BELOW_ENTRYPOINTS = ("config", "text", "core", "structured", "attention", "model", "lora", "worker",
+                     "distributed", "runtime")
 
 
 @pytest.fixture(scope="module")

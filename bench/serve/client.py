@@ -43,23 +43,27 @@ class RequestRecord:
         return sum(self.chunk_tokens)
 
 
-def sampling_for(prompt: BenchPrompt, temperature: float, chaos: Chaos | None) -> dict:
+def sampling_for(prompt: BenchPrompt, temperature: float, chaos: Chaos | None,
+                 structured: dict | None = None) -> dict:
     """Exactly ``output_len`` tokens: max and min tokens pin the length (min_tokens masks the chat stop tokens
-    too), and eos is ignored."""
+    too), and eos is ignored. A structured request (well-behaved ones only) ends earlier if its grammar is
+    complete."""
     output_len = CHAOS_OUTPUT_LEN if chaos is not None else prompt.output_len
     sampling = {"max_tokens": output_len, "min_tokens": output_len, "ignore_eos": True, "temperature": temperature}
     if chaos is not None:
         sampling.update(chaos.sampling)
+    elif structured:
+        sampling.update(structured)
     return sampling
 
 
 async def send(client: AsyncGenerationClient, request_id: str, prompt: BenchPrompt, history: list[dict],
-               temperature: float, chaos: Chaos | None = None) -> RequestRecord:
+               temperature: float, chaos: Chaos | None = None, structured: dict | None = None) -> RequestRecord:
     """Send ``prompt`` (after ``history``, for a multiturn session) and record the streamed reply.
 
     Never raises for a failed call: the status lands in the record, so one bad request cannot stop a run.
     """
-    sampling = sampling_for(prompt, temperature, chaos)
+    sampling = sampling_for(prompt, temperature, chaos, structured)
     timeout = chaos.timeout_s if chaos is not None else None
     start = time.perf_counter()   # the call starts as soon as generate()/chat() is called
     token_ids = chaos.prompt_token_ids if chaos is not None and chaos.prompt_token_ids else prompt.prompt_token_ids

@@ -34,6 +34,7 @@ from glmserve.bench.serve.report import RunResult, csv_text, result_json, run_ta
 from glmserve.bench.serve.runner import Planned, run_plan
 from glmserve.bench.serve.server_stats import Counters, Peaks, figures, poll_peaks, scrape
 from glmserve.bench.common.output import output_path
+from glmserve.bench.serve.structured_arg import parse_structured
 
 DATASETS = ("random", "sharegpt", "multiturn")
 API_KEY_ENV = "GLMSERVE_API_KEY"
@@ -61,6 +62,7 @@ class BenchConfig:
     num_warmups: int = 0
     seed: int = 0
     temperature: float = 0.0
+    structured: dict | None = None                   # sampling kwargs of --structured (e.g. {"regex": ...})
     slos_ms: dict[str, float] = field(default_factory=dict)
     metrics_url: str | None = None
     chaos: float = 0.0
@@ -94,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--turn-words", type=IntRange.parse, default=IntRange(8, 32),
                    help="multiturn: words per user message, LOW:HIGH or N (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="(default: greedy)")
+    g.add_argument("--structured", type=parse_structured, default=None, metavar="KIND[:VALUE]",
+                   help="structured output for every request: json_schema:FILE, grammar:FILE, regex:PATTERN, "
+                        "choice:A,B,C or json_object (a reply ends once its grammar is complete)")
     g = parser.add_argument_group("load")
     g.add_argument("--request-rate", type=parse_rates, default=[math.inf],
                    help="requests per second: inf (all at once) or a comma-separated sweep such as 2,4,8")
@@ -126,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sharegpt_max_output_len=args.sharegpt_max_output_len, turns=args.turns, system_words=args.system_words,
         turn_words=args.turn_words, request_rates=args.request_rate, burstiness=args.burstiness,
         max_concurrency=args.max_concurrency, num_warmups=args.num_warmups, seed=args.seed,
-        temperature=args.temperature, slos_ms=dict(args.goodput), metrics_url=args.metrics_url, chaos=args.chaos,
+        temperature=args.temperature, structured=args.structured, slos_ms=dict(args.goodput), metrics_url=args.metrics_url, chaos=args.chaos,
         settle_s=args.settle, api_key=args.api_key, progress=args.progress)
 
 
@@ -221,7 +226,8 @@ async def warm_up(client: AsyncGenerationClient, config: BenchConfig, prompts: l
     """Untimed requests, all at once (within the concurrency cap), each on its own (no session history)."""
     plan = [Planned(i, dataclasses.replace(p, session=None), 0.0)
             for i, p in enumerate(prompts[:config.num_warmups])]
-    warm = await run_plan(client, plan, temperature=config.temperature, max_concurrency=config.max_concurrency)
+    warm = await run_plan(client, plan, temperature=config.temperature, max_concurrency=config.max_concurrency,
+                          structured=config.structured)
     failed = [r for r in warm.records if not r.ok]
     if failed:
         print(f"warning: {len(failed)} of {len(plan)} warm-up requests failed ({failed[0].code}: "
@@ -239,7 +245,7 @@ async def run_once(client: AsyncGenerationClient, config: BenchConfig, info: Mod
     label = f"{config.dataset} @ {'inf' if math.isinf(rate) else f'{rate:g}'} req/s"
     try:
         run = await run_plan(client, plan, temperature=config.temperature, max_concurrency=config.max_concurrency,
-                             progress=config.progress, label=label)
+                             progress=config.progress, label=label, structured=config.structured)
     finally:
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError):

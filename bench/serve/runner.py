@@ -39,7 +39,8 @@ class RunRecords:
 
 
 async def run_plan(client: AsyncGenerationClient, plan: list[Planned], *, temperature: float,
-                   max_concurrency: int | None, progress: bool = False, label: str = "") -> RunRecords:
+                   max_concurrency: int | None, progress: bool = False, label: str = "",
+                   structured: dict | None = None) -> RunRecords:
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     records: list[RequestRecord | None] = [None] * len(plan)
     run_id = uuid.uuid4().hex[:8]   # request ids must be unique among in-flight requests, across harnesses too
@@ -56,7 +57,7 @@ async def run_plan(client: AsyncGenerationClient, plan: list[Planned], *, temper
                 await asyncio.sleep(delay)
             async with slots if slots is not None else contextlib.nullcontext():
                 record = await send(client, f"bench-{run_id}-{item.index}", item.prompt, history, temperature,
-                                    item.chaos)
+                                    item.chaos, structured)
             records[item.index] = record
             bar.update()
             if record.ok and item.prompt.messages is not None and item.prompt.session is not None:

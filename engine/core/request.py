@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -29,6 +30,14 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"          # eos, a stop token id or a stop string
     LENGTH = "length"      # max_tokens or the model's context length
     ABORT = "abort"        # aborted by the client, a deadline or an engine fault
+
+
+class GrammarState(Protocol):
+    """A constrained request's grammar (engine/structured): the scheduler admits the request only once the
+    grammar is compiled."""
+
+    @property
+    def is_ready(self) -> bool: ...
 
 
 @dataclass
@@ -64,6 +73,8 @@ class Request:
         # The request's own RNG when it has a seed, created on the model's device by the runner.
         self.generator: torch.Generator | None = None
         self.stop_ids = frozenset(self.params.stop_token_ids)
+        # The matcher of a structured-output request, set by the engine; None for free text.
+        self.grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 # Temperatures below this are treated as greedy: dividing logits by a denormal-sized temperature overflows to inf
 # and turns the softmax into NaN, while the result would be argmax anyway.
@@ -21,6 +21,68 @@ class SamplingParamsError(ValueError):
 
     def __reduce__(self):   # rebuilt from its arguments when it crosses a process boundary
         return type(self), (self.field, str(self))
+
+
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_call")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the generated text must match: set exactly one field.
+
+    The grammar engine (engine/structured) parses and compiles it; here only the types are checked. The text it
+    constrains is what the client receives: a chat reply's content after the empty metadata line, or the whole
+    completion of a Generate call.
+    """
+
+    json_schema: str | dict | None = None   # a JSON Schema, as JSON text or an already parsed object
+    json_object: bool = False               # any JSON object
+    regex: str | None = None                # the whole text matches it
+    choice: Sequence[str] | None = None     # the text is exactly one of these strings
+    grammar: str | None = None              # EBNF (xgrammar's dialect: rules `name ::= ...`, starting at `root`)
+    # A whole ChatGLM3 tool-call reply in EBNF (tool name line, then the ```python block), ending on
+    # <|observation|>; built from a request's tools by engine/structured/tool_call_grammar.py, chat only.
+    tool_call: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None and not isinstance(self.choice, (str, bytes)):
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def kind(self) -> str:
+        """The one field that is set (check() has passed)."""
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def check(self) -> None:
+        """Types only (cheap); raise ``SamplingParamsError`` naming ``structured.<field>``."""
+        kinds = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise SamplingParamsError("structured", "structured output must set exactly one of "
+                                      f"{', '.join(STRUCTURED_KINDS[:5])}; got {', '.join(kinds) or 'none'}")
+        if not isinstance(self.json_object, bool):
+            raise SamplingParamsError("structured.json_object", f"structured.json_object must be a boolean, "
+                                      f"got {self.json_object!r}")
+        schema = self.json_schema
+        if schema is not None and not (isinstance(schema, dict) or _non_empty_str(schema)):
+            raise SamplingParamsError("structured.json_schema", "structured.json_schema must be a JSON object or "
+                                      f"non-empty JSON text, got {type(self.json_schema).__name__}")
+        for name in ("regex", "grammar", "tool_call"):
+            value = getattr(self, name)
+            if value is not None and not _non_empty_str(value):
+                raise SamplingParamsError(f"structured.{name}", f"structured.{name} must be a non-empty string, "
+                                          f"got {value!r}")
+        if self.choice is not None:
+            if isinstance(self.choice, (str, bytes)) or not self.choice:
+                raise SamplingParamsError("structured.choice", "structured.choice must be a non-empty list of "
+                                          f"strings, got {self.choice!r}")
+            bad = next((c for c in self.choice if not _non_empty_str(c)), None)
+            if bad is not None:
+                raise SamplingParamsError("structured.choice", f"structured.choice entries must be non-empty "
+                                          f"strings, got {bad!r}")
+
+
+def _non_empty_str(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 @dataclass
@@ -44,6 +106,9 @@ class SamplingParams:
     # A ChatGLM3 reply decodes with a leading "\n " (the empty metadata line's newline, then the content's
     # dummy-prefix space); the chat layer asks for it to be removed. The engine itself knows nothing of chats.
     strip_reply_prefix: bool = False
+    # Constrained decoding: the text follows this grammar, and the request ends (finish reason stop) once the
+    # grammar is complete, whatever min_tokens and ignore_eos say; it may still end on length first.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # A single stop string is as common in requests as a list; store a list either way.
@@ -88,6 +153,11 @@ class SamplingParams:
             _check_int("stop_token_ids", t, low=0, high=vocab_size - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise SamplingParamsError("structured", "structured must be a StructuredOutput, got "
+                                          f"{type(self.structured).__name__}")
+            self.structured.check()
 
 
 def _check_int(name: str, value: Any, low: int | None = None, high: int | None = None, note: str = "") -> None:

@@ -127,12 +127,17 @@ class Scheduler:
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
         loras = self.running_lora_adapters()
+        # Passed over this step, without holding up the rest: a LoRA request past max_loras, and a constrained
+        # request whose grammar is still compiling.
         passed_over = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0][2]
             adapter = request.adapter
             if (adapter is not None and adapter.is_lora and self.max_loras is not None
                     and adapter.name not in loras and len(loras) >= self.max_loras):
+                passed_over.append(heapq.heappop(self.waiting))
+                continue
+            if request.grammar is not None and not request.grammar.is_ready:
                 passed_over.append(heapq.heappop(self.waiting))
                 continue
             cached = self.block_manager.find_cached_prefix(request)

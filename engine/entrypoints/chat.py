@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from glmserve.engine.core.errors import RequestError
 from glmserve.engine.core.outputs import CompletionOutput
 from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.structured.tool_call_grammar import ToolChoice, tool_call_output
 from glmserve.engine.text.chat_format import ChatMessage, build_chat_prompt
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
 from glmserve.engine.text.tool_call import ToolCallParseError, parse_tool_call
@@ -38,11 +40,19 @@ class ChatTemplate:
     def prompt(self, messages: list[ChatMessage], tools: list | dict | None = None) -> list[int]:
         return build_chat_prompt(self.tokenizer, with_tools(messages, tools))
 
-    def sampling_params(self, params: SamplingParams) -> SamplingParams:
+    def sampling_params(self, params: SamplingParams, tools: list | dict | None = None,
+                        tool_choice: ToolChoice | None = None) -> SamplingParams:
         """What a reply runs with: it ends on eos, <|user|> or <|observation|> (never on <|assistant|>), and its
-        leading "\\n " is removed."""
+        leading "\\n " is removed. With ``tool_choice`` "required" or a tool's name, the reply is constrained to a
+        tool call whose arguments are valid for the tool (engine/structured); "auto" leaves it free."""
         extra = [t for t in self.tokenizer.chat_stop_token_ids if t not in params.stop_token_ids]
-        return params.clone(stop_token_ids=list(params.stop_token_ids) + extra, strip_reply_prefix=True)
+        changes: dict = dict(stop_token_ids=list(params.stop_token_ids) + extra, strip_reply_prefix=True)
+        forced = tool_call_output(tools, tool_choice) if tool_choice is not None else None
+        if forced is not None:
+            if params.structured is not None:
+                raise RequestError("tool_choice", "a forced tool call cannot be combined with structured output")
+            changes["structured"] = forced
+        return params.clone(**changes)
 
     def finish(self, sample: CompletionOutput, request_id: str = "") -> CompletionOutput:
         """A finished reply that stopped on <|observation|> and parses as a tool call becomes finish_reason

@@ -19,6 +19,7 @@ from glmserve.engine.entrypoints.chat import ChatTemplate
 from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.engine.lora.manager import AdapterInfo
 from glmserve.engine.runtime.engine_info import EngineStats
+from glmserve.engine.structured.tool_call_grammar import ToolChoice
 from glmserve.engine.text.chat_format import ChatMessage, messages_from_json
 
 __all__ = ["LLM", "SamplingParams"]
@@ -51,13 +52,16 @@ class LLM:
 
     def chat(self, messages: Sequence[ChatMessage | dict] | Sequence[Sequence[ChatMessage | dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             tools: list | dict | None = None) -> list[RequestOutput]:
+             tools: list | dict | None = None, tool_choice: str | ToolChoice = "auto") -> list[RequestOutput]:
         """One conversation or a list of them (``tools`` shown to the model on the first system message). Replies
         stop on ChatGLM3's chat stop tokens; a reply that is a tool call comes back with finish_reason
-        "tool_call" and its ``tool_call`` parsed."""
+        "tool_call" and its ``tool_call`` parsed. ``tool_choice`` "required" (or ``ToolChoice.named(name)``)
+        constrains each reply to a tool call whose arguments are valid for the tool."""
         conversations = [messages] if messages and not isinstance(messages[0], (list, tuple)) else list(messages)
         token_lists = [self.chat_template.prompt(_as_messages(c), tools) for c in conversations]
-        params = [self.chat_template.sampling_params(p) for p in _broadcast(sampling_params, len(token_lists))]
+        choice = ToolChoice(tool_choice) if isinstance(tool_choice, str) else tool_choice
+        params = [self.chat_template.sampling_params(p, tools, choice)
+                  for p in _broadcast(sampling_params, len(token_lists))]
         results = self._run(token_lists, params)
         for result in results:
             for sample in result.outputs:

@@ -25,6 +25,7 @@ from glmserve.engine.core.adapters import UnknownAdapterError
 from glmserve.engine.lora.manager import AdapterInfo
 from glmserve.engine.runtime.messages import (AbortRequest, AdapterCallDone, AddRequest, EngineFailed, Event,
                                               LoadAdapter, RequestFailed, StepDone, StepFailed, UnloadAdapter)
+from glmserve.engine.structured.grammars import check_structured
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class AsyncEngine:
         prompt, effective = validate_request(prompt_token_ids, params, self.info.limits)
         if adapter is not None and adapter not in self.adapters:   # the engine core checks again
             raise UnknownAdapterError(adapter, list(self.adapters))
+        if params.structured is not None:   # a bad schema, regex or grammar fails here, naming the problem
+            check_structured(params.structured, chat=params.strip_reply_prefix)
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._adds_sent += 1

@@ -28,6 +28,8 @@ from glmserve.engine.lora.manager import AdapterInfo, AdapterManager
 from glmserve.engine.model.loader import ModelSource, resolve_dtype, resolve_model_source
 from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
 from glmserve.engine.runtime.output_processor import OutputProcessor, TokenEvent
+from glmserve.engine.structured.compiler import StructuredOutputs
+from glmserve.engine.structured.request_grammar import advance_grammars
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
 from glmserve.engine.worker.cuda_graph import CudaGraphCapture
 from glmserve.engine.worker.executor import LocalExecutor
@@ -85,6 +87,8 @@ class EngineCore:
             self.executor.shutdown()
             raise
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.padded_vocab_size)
+        self._compiling: list[Request] = []   # constrained requests whose grammar is not compiled yet
         self._aborted: list[Request] = []
         self.last_step_num_tokens = 0      # tokens computed by the latest step (a metrics histogram reads it)
         self._samples: dict[str, list[Request]] = {}   # request id -> its n sample requests, while in flight
@@ -108,6 +112,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Release what outlives the engine object (a tensor-parallel executor's worker processes)."""
+        self.structured.shutdown()
         self.executor.shutdown()
 
     # ---- sizing -----------------------------------------------------------------------------------------------
@@ -157,8 +162,12 @@ class EngineCore:
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids, params: SamplingParams) -> tuple[list[int], SamplingParams]:
-        """The prompt and the params a request will run with; raises RequestError / SamplingParamsError."""
-        return validate_request(prompt_token_ids, params, self.limits)
+        """The prompt and the params a request will run with; raises RequestError / SamplingParamsError (a bad
+        schema, regex or grammar too, naming the problem)."""
+        prompt, params = validate_request(prompt_token_ids, params, self.limits)
+        if params.structured is not None:
+            self.structured.validate(params.structured, chat=params.strip_reply_prefix)
+        return prompt, params
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                     priority: int = 0, arrival_time: float | None = None, adapter: str | None = None) -> None:
@@ -180,6 +189,10 @@ class EngineCore:
             samples.append(Request(request_id, prompt, sample_params, priority=priority, arrival_time=arrival,
                                    index=index, adapter=binding))
         for request in samples:
+            if params.structured is not None:   # each sample its own matcher; the compile is shared
+                request.grammar = self.structured.request_grammar(params.structured, chat=params.strip_reply_prefix,
+                                                                  stop_token_ids=params.stop_token_ids)
+                self._compiling.append(request)
             self.output_processor.add(request)
             self.scheduler.add(request)
         self._samples[request_id] = samples
@@ -232,6 +245,8 @@ class EngineCore:
     # ---- the step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self.executor.check()
+        if self._compiling:
+            self._check_compiles()
         outputs = [self.output_processor.finished_output(r) for r in self._aborted]
         self._aborted.clear()
         batch = self.scheduler.schedule()
@@ -240,6 +255,7 @@ class EngineCore:
             tables = [self.block_manager.block_ids(r) for r in batch.requests]
             result = self.runner.execute(batch, tables)
             new_tokens = self.scheduler.update(batch, result.token_ids)
+            advance_grammars(new_tokens, self.scheduler.finish)
             position = {id(r): i for i, r in enumerate(batch.requests)}
             events = [TokenEvent(r, t, result.logprobs[position[id(r)]], result.top_logprobs[position[id(r)]])
                       for r, t in new_tokens]
@@ -259,6 +275,20 @@ class EngineCore:
         """Step until nothing is left to run, yielding every delta."""
         while self.has_unfinished_requests():
             yield from self.step()
+
+    def _check_compiles(self) -> None:
+        """Forget requests whose grammar compiled; abort those whose compile failed (parsing had passed, so this
+        is the grammar engine's own failure: logged, and the request ends with finish reason abort)."""
+        still = []
+        for request in self._compiling:
+            error = None if request.is_finished else request.grammar.error
+            if error is not None:
+                log.error("request %s: compiling its grammar failed: %s", request.request_id, error)
+                if self.scheduler.abort(request.key) is not None:
+                    self._aborted.append(request)
+            elif not request.is_finished and not request.grammar.is_ready:
+                still.append(request)
+        self._compiling = still
 
     def _forget_if_done(self, request_id: str) -> None:
         samples = self._samples.get(request_id)

@@ -120,6 +120,14 @@ class ChatGLMTokenizer:
             return SPECIAL_TOKENS[token_id - self._num_pieces]
         return self._sp.id_to_piece(token_id)
 
+    def text_pieces(self) -> list[str | None]:
+        """Every id's SentencePiece piece as stored (spaces as "▁", bytes as "<0xNN>"), None for the ids that
+        stand for no text: <unk>, control and unused pieces, and the nine special tokens."""
+        sp = self._sp
+        pieces = [None if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) else sp.id_to_piece(i)
+                  for i in range(self._num_pieces)]
+        return pieces + [None] * len(SPECIAL_TOKENS)
+
     # ---- text <-> ids ---------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` prefixed by ``[gMASK] sop`` as ChatGLM3 expects."""

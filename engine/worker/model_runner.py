@@ -27,6 +27,7 @@ from glmserve.engine.core.request import Request
 from glmserve.engine.worker.kv_cache import allocate_kv_caches
 from glmserve.engine.worker.sampler import Sampler, SamplerOutput, SamplingRow
 from glmserve.engine.core.scheduler import ScheduledBatch
+from glmserve.engine.structured.bitmask import batch_bitmask
 
 
 @dataclass
@@ -170,7 +171,8 @@ class ModelRunner:
         if not sample_at:
             return result
         rows = [self._sampling_row(requests[i]) for i in sample_at]
-        out: SamplerOutput = self.sampler(logits, rows)
+        bitmask = batch_bitmask([requests[i] for i in sample_at])   # None unless a request is constrained
+        out: SamplerOutput = self.sampler(logits, rows, bitmask)
         for j, i in enumerate(sample_at):
             k = order[i]   # back to the batch's own order
             result.token_ids[k] = out.token_ids[j]

@@ -1,8 +1,12 @@
 """Batched sampling: one token per row from logits [B, V], each row with its own SamplingParams.
 
-Order (the one vLLM uses): padding mask -> min_tokens -> repetition penalty -> presence/frequency penalties -> greedy rows take
-the argmax; random rows go through temperature -> top-k -> top-p -> min-p -> an exponential race.
-All steps are tensor ops over the whole batch; a step is skipped when no row uses it.
+Order (the one vLLM uses): padding mask -> grammar bitmask -> min_tokens -> repetition penalty -> presence/frequency
+penalties -> greedy rows take the argmax; random rows go through temperature -> top-k -> top-p -> min-p -> an
+exponential race. All steps are tensor ops over the whole batch; a step is skipped when no row uses it.
+
+A grammar bitmask (engine/structured) constrains some rows: their disallowed tokens are masked like padding, before
+anything else (reported logprobs are those after it). A constrained row skips the min_tokens mask: its grammar
+decides where the text ends.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Sequence
 import torch
 
 from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.structured.bitmask import MASKED_LOGIT, TokenBitmask
 
 NEG_INF = float("-inf")
 
@@ -39,20 +44,28 @@ class Sampler:
         self.vocab_size = vocab_size          # the tokenizer's vocabulary; wider logits columns are padding
         self.eos_token_id = eos_token_id
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 bitmask: TokenBitmask | None = None) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         if self._plain_greedy(rows):
             # Nothing to edit: the argmax over the real vocabulary, without copying [B, V] logits (the most common
             # offline case; the copy cost about as much as the argmax).
-            return _output(logits[:, :self.vocab_size].argmax(dim=-1), None, rows)
-        logits = logits.to(torch.float32, copy=True)  # edited in place below; the caller's tensor stays intact
+            if bitmask is None:
+                return _output(logits[:, :self.vocab_size].argmax(dim=-1), None, rows)
+            return _output(self._constrained_argmax(logits, bitmask), None, rows)
+        # A float32 copy, edited in place below (the caller's tensor stays intact); the grammar mask is applied
+        # in the same pass.
+        logits = logits.to(torch.float32, copy=True) if bitmask is None else bitmask.masked(logits)
         if logits.shape[1] > self.vocab_size:
             logits[:, self.vocab_size:] = NEG_INF
-        # Reported logprobs are those of the model (after the padding mask), not of the processed distribution.
+        # Reported logprobs are those of the model (after the padding and grammar masks), not of the processed
+        # distribution.
         want_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        self._mask_stops_before_min_tokens(logits, rows)
+        if raw_logprobs is not None and bitmask is not None:   # a disallowed token has probability 0: -inf
+            raw_logprobs = raw_logprobs.masked_fill(raw_logprobs < MASKED_LOGIT / 2, NEG_INF)
+        self._mask_stops_before_min_tokens(logits, rows, set(bitmask.rows) if bitmask is not None else set())
         apply_penalties(logits, rows)
         token_ids = self._choose(logits, rows)
         return _output(token_ids, raw_logprobs, rows)
@@ -64,12 +77,21 @@ class Sampler:
                    and not r.params.presence_penalty and not r.params.frequency_penalty
                    and len(r.output_token_ids) >= r.params.min_tokens for r in rows)
 
-    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    def _constrained_argmax(self, logits: torch.Tensor, bitmask: TokenBitmask) -> torch.Tensor:
+        """Greedy token ids [B] with the bitmask's rows masked; only those rows are copied."""
+        if len(bitmask.rows) == logits.shape[0]:
+            return bitmask.masked(logits[:, :self.vocab_size]).argmax(dim=-1)
+        token_ids = logits[:, :self.vocab_size].argmax(dim=-1)
+        token_ids[bitmask.rows] = bitmask.masked_rows(logits[:, :self.vocab_size]).argmax(dim=-1)
+        return token_ids
+
+    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                                      constrained: set[int]) -> None:
         width = logits.shape[1]
         row_idx: list[int] = []
         col_idx: list[int] = []
         for i, row in enumerate(rows):
-            if len(row.output_token_ids) < row.params.min_tokens:
+            if len(row.output_token_ids) < row.params.min_tokens and i not in constrained:
                 # eos is masked even with ignore_eos: harmless there (eos does not end such a row), and one rule.
                 banned = {self.eos_token_id, *row.params.stop_token_ids}
                 cols = [t for t in banned if 0 <= t < width]

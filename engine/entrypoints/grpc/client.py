@@ -92,10 +92,30 @@ def collect(chunks: Iterable[Chunk]) -> list[Chunk]:
 
 # ---- request building and response parsing (shared by both clients) ---------------------------------------------
 def _sampling(kwargs: dict) -> pb.SamplingParams:
+    """Sampling keyword arguments; structured output as json_schema (JSON text or a dict), json_object, regex,
+    choice (a list of strings) or grammar."""
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get("json_schema"), dict):
+        kwargs["json_schema"] = json.dumps(kwargs["json_schema"], ensure_ascii=False)
+    if isinstance(kwargs.get("choice"), (list, tuple)):
+        kwargs["choice"] = pb.ChoiceList(choices=kwargs["choice"])
     try:
         return pb.SamplingParams(**kwargs)
     except ValueError as exc:   # protobuf's message for an unknown field name
         raise TypeError(f"unknown sampling parameter: {exc}") from None
+
+
+def _tool_choice(tool_choice) -> pb.ToolChoice | None:
+    """"auto", "required", or the tool to call as {"name": ...} or OpenAI's {"type": "function", "function": {...}}."""
+    if tool_choice is None:
+        return None
+    if isinstance(tool_choice, str):
+        return pb.ToolChoice(mode=tool_choice)
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function", tool_choice)
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return pb.ToolChoice(function=function["name"])
+    raise TypeError(f"tool_choice must be 'auto', 'required' or {{'name': TOOL}}, got {tool_choice!r}")
 
 
 def _generate_request(prompt, prompt_token_ids, stream, request_id, priority, sampling,
@@ -124,9 +144,11 @@ def _tools(tools) -> str | None:
     return tools if tools is None or isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
 
 
-def _chat_request(messages, tools, stream, request_id, priority, sampling, adapter: str = "") -> pb.ChatRequest:
+def _chat_request(messages, tools, stream, request_id, priority, sampling, adapter: str = "",
+                  tool_choice=None) -> pb.ChatRequest:
     return pb.ChatRequest(request_id=request_id, messages=_messages(messages), tools=_tools(tools),
-                          sampling=_sampling(sampling), stream=stream, priority=priority, adapter=adapter)
+                          sampling=_sampling(sampling), stream=stream, priority=priority, adapter=adapter,
+                          tool_choice=_tool_choice(tool_choice))
 
 
 def _tokenize_request(text, messages, tools) -> pb.TokenizeRequest:
@@ -216,9 +238,11 @@ class GenerationClient(_ClientChannel):
         return _iterate(self._call(self._stub.Generate, request, timeout))
 
     def chat(self, messages: Iterable[ChatMessage | dict], *, tools=None, stream: bool = True, request_id: str = "",
-             priority: int = 0, timeout: float | None = None, adapter: str = "", **sampling) -> Iterator[Chunk]:
-        """``tools``: a list/dict (sent as JSON) or a JSON string."""
-        request = _chat_request(messages, tools, stream, request_id, priority, sampling, adapter)
+             priority: int = 0, timeout: float | None = None, adapter: str = "", tool_choice=None,
+             **sampling) -> Iterator[Chunk]:
+        """``tools``: a list/dict (sent as JSON) or a JSON string; ``tool_choice``: "auto", "required" or
+        {"name": TOOL}."""
+        request = _chat_request(messages, tools, stream, request_id, priority, sampling, adapter, tool_choice)
         return _iterate(self._call(self._stub.Chat, request, timeout))
 
     def tokenize(self, text: str | None = None, *, messages=None, tools=None,
@@ -297,8 +321,9 @@ class AsyncGenerationClient(_ClientChannel):
         return _aiterate(self._call(self._stub.Generate, request, timeout))
 
     def chat(self, messages: Iterable[ChatMessage | dict], *, tools=None, stream: bool = True, request_id: str = "",
-             priority: int = 0, timeout: float | None = None, adapter: str = "", **sampling) -> AsyncIterator[Chunk]:
-        request = _chat_request(messages, tools, stream, request_id, priority, sampling, adapter)
+             priority: int = 0, timeout: float | None = None, adapter: str = "", tool_choice=None,
+             **sampling) -> AsyncIterator[Chunk]:
+        request = _chat_request(messages, tools, stream, request_id, priority, sampling, adapter, tool_choice)
         return _aiterate(self._call(self._stub.Chat, request, timeout))
 
     async def tokenize(self, text: str | None = None, *, messages=None, tools=None,

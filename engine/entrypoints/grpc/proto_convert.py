@@ -16,9 +16,10 @@ from glmserve.engine.core.adapters import AdapterKind
 from glmserve.engine.core.errors import RequestError
 from glmserve.engine.lora.manager import AdapterInfo
 from glmserve.engine.core.outputs import CompletionOutput, RequestMetrics
-from glmserve.engine.core.sampling_params import SamplingParams
+from glmserve.engine.core.sampling_params import SamplingParams, StructuredOutput
 from glmserve.engine.entrypoints.chat import ChatTemplate
 from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
+from glmserve.engine.structured.tool_call_grammar import ToolChoice
 from glmserve.engine.text.chat_format import ChatFormatError, ChatMessage
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
 
@@ -62,7 +63,25 @@ class SampleEnd:
 # ---- requests in ----------------------------------------------------------------------------------------------
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     kwargs = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING_FIELDS if msg.HasField(name)}
-    return SamplingParams(stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), **kwargs)
+    return SamplingParams(stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
+                          structured=structured_from_proto(msg), **kwargs)
+
+
+def structured_from_proto(msg: pb.SamplingParams) -> StructuredOutput | None:
+    """The `structured` oneof (json_object = false counts as unset); the engine checks the contents."""
+    which = msg.WhichOneof("structured")
+    if which is None or (which == "json_object" and not msg.json_object):
+        return None
+    if which == "choice":
+        return StructuredOutput(choice=list(msg.choice.choices))
+    return StructuredOutput(**{which: getattr(msg, which)})
+
+
+def tool_choice_from_proto(msg: pb.ChatRequest) -> ToolChoice:
+    which = msg.tool_choice.WhichOneof("choice") if msg.HasField("tool_choice") else None
+    if which == "function":
+        return ToolChoice.named(msg.tool_choice.function)
+    return ToolChoice(msg.tool_choice.mode) if which == "mode" else ToolChoice()
 
 
 def request_id_from_proto(request_id: str) -> str:
@@ -89,9 +108,10 @@ def generate_request_from_proto(msg: pb.GenerateRequest, tokenizer: ChatGLMToken
 
 
 def chat_request_from_proto(msg: pb.ChatRequest, template: ChatTemplate) -> EngineRequest:
-    prompt = template.prompt(messages_from_proto(msg.messages), tools_from_proto(msg))
-    return EngineRequest(request_id_from_proto(msg.request_id), prompt,
-                         template.sampling_params(sampling_from_proto(msg.sampling)), msg.stream, msg.priority,
+    tools = tools_from_proto(msg)
+    prompt = template.prompt(messages_from_proto(msg.messages), tools)
+    params = template.sampling_params(sampling_from_proto(msg.sampling), tools, tool_choice_from_proto(msg))
+    return EngineRequest(request_id_from_proto(msg.request_id), prompt, params, msg.stream, msg.priority,
                          chat=True, adapter=msg.adapter or None)
 
 
