@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from glmserve.bench.common.output import output_path
+
 ALL_MODULES = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
 
 
@@ -134,7 +136,7 @@ def measure(args: argparse.Namespace) -> LoraBenchResult:
         chatglm3_6b_bf16=chatglm3_6b_memory(args.rank, targets, args.pre_seq_len))
     print(format_result(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        output_path(args.out).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
     return result
 
 
