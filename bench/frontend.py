@@ -30,8 +30,8 @@ from glmserve.bench.common.output import output_path
 from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
-from glmserve.engine.entrypoints.grpc.server import ServerOptions
-from glmserve.engine.entrypoints.grpc.server_thread import ServerThread
+from glmserve.engine.entrypoints.server_options import ServerOptions
+from glmserve.engine.entrypoints.server_thread import ServerThread
 from glmserve.engine.runtime.async_engine import AsyncEngine
 from glmserve.engine.runtime.core_client import ProcessEngineCore
 from glmserve.engine.runtime.messages import StepDone

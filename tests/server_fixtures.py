@@ -22,8 +22,8 @@ from glmserve.engine.entrypoints.grpc.client import GenerationClient
 from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.runtime.core_client import InprocEngineCore
 from glmserve.engine.runtime.engine_core import EngineCore
-from glmserve.engine.entrypoints.grpc.server import ServerOptions
-from glmserve.engine.entrypoints.grpc.server_thread import ServerThread
+from glmserve.engine.entrypoints.server_options import ServerOptions
+from glmserve.engine.entrypoints.server_thread import ServerThread
 
 MODEL = "glm-tiny"
 SEED = 0
@@ -43,7 +43,8 @@ class InProcessServer(ServerThread):
     def __init__(self, options: ServerOptions | None = None, make_engine: Callable[[], EngineCore] | None = None,
                  wait_loaded: bool = True):
         make_engine = make_engine or (lambda: EngineCore(tiny_engine_config()))
-        super().__init__(options or ServerOptions(port=0, metrics_port=0), lambda: InprocEngineCore(make_engine()),
+        super().__init__(options or ServerOptions(port=0, http_port=0, metrics_port=0),
+                         lambda: InprocEngineCore(make_engine()),
                          wait_loaded)
 
     @property
@@ -145,7 +146,7 @@ class ServeProcess:
 
     def __init__(self, *extra_args: str, timeout: float = 120):
         cmd = [sys.executable, "-m", "glmserve.engine.entrypoints.cli.main", "serve", "--model", MODEL, "--host", "127.0.0.1",
-               "--port", "0", "--metrics-port", "0", "--num-kv-blocks", str(NUM_KV_BLOCKS),
+               "--port", "0", "--http-port", "0", "--metrics-port", "0", "--num-kv-blocks", str(NUM_KV_BLOCKS),
                "--attention-backend", "torch", *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []

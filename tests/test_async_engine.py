@@ -62,3 +62,24 @@ def test_stream_validation_abort_and_no_leaks(tiny_checkpoint):
 
     asyncio.run(scenario())
     assert_no_leaks(engine)
+
+
+def test_a_stream_closed_before_it_was_read_aborts_its_request(tiny_checkpoint):
+    engine = make_engine(str(tiny_checkpoint))
+
+    async def scenario():
+        async_engine = AsyncEngine(InprocEngineCore(engine))
+        try:
+            stream = await async_engine.generate("unread", [5, 6, 7], SamplingParams(max_tokens=300, ignore_eos=True))
+            await stream.aclose()                     # never iterated: still aborted, its id free again
+            again = await async_engine.generate("unread", [5], SamplingParams(max_tokens=2, ignore_eos=True))
+            assert sum([len(d.outputs[0].token_ids) async for d in again]) == 2
+            for _ in range(100):
+                if not engine.has_unfinished_requests():
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await async_engine.shutdown()
+
+    asyncio.run(scenario())
+    assert_no_leaks(engine)

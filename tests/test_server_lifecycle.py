@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from glmserve.engine.entrypoints.grpc.client import GenerationClient
 from glmserve.engine.runtime.engine_core import EngineCore
-from glmserve.engine.entrypoints.grpc.server import ServerOptions
+from glmserve.engine.entrypoints.server_options import ServerOptions
 
 from .server_fixtures import InProcessServer, session_server, shared_server, tiny_engine_config  # noqa: F401
 from .server_fixtures import eventually, wait_idle

@@ -3,7 +3,7 @@
 Engine-side values come from an AsyncEngine step listener, called once per engine step with the step's event
 (the engine's counters and every request's delta): a step costs a handful of gauge sets and one histogram
 observation per new token. Latencies use the engine core's own timestamps (time.monotonic, one clock for every
-process of the machine). gRPC calls are counted by the servicer.
+process of the machine). gRPC calls are counted by the servicer, HTTP calls by the HTTP API's outer layer.
 The names and their vLLM equivalents are listed in the README (section Metrics).
 """
 from __future__ import annotations
@@ -66,6 +66,8 @@ class ServerMetrics:
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self._lora_labels: tuple[str, str, str] | None = None
         self._max_lora = 0
+        self.http_requests = Counter("glmserve_http_requests", "HTTP calls by route and status (499: the client "
+                                     "left first)", ["route", "status"], registry=r)
         self._last_token_time: dict[tuple[str, int], float] = {}
         self._num_generated: dict[tuple[str, int], int] = {}
         self._totals = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
@@ -76,7 +78,10 @@ class ServerMetrics:
         """Fill the info metrics and start the cumulative counters from the engine's totals after its warm-up."""
         self.model_info.info({"model": info.model_name, "max_model_len": str(info.max_model_len),
                               "dtype": info.dtype, "device": info.device})
+        # num_gpu_blocks repeats num_kv_blocks under the label name of the inference gateways' model-server
+        # protocol (vLLM's vllm:cache_config_info{block_size,num_gpu_blocks}), which the endpoint picker reads.
         self.cache_config_info.info({"block_size": str(info.block_size), "num_kv_blocks": str(info.num_kv_blocks),
+                                     "num_gpu_blocks": str(info.num_kv_blocks),
                                      "enable_prefix_caching": str(info.enable_prefix_caching).lower()})
         self._totals = {name: getattr(stats, name) for name in self._totals}
         self._max_lora = info.max_loras
@@ -96,6 +101,9 @@ class ServerMetrics:
     # ---- updates --------------------------------------------------------------------------------------------
     def grpc_request(self, method: str, code_name: str) -> None:
         self.grpc_requests.labels(method, code_name).inc()
+
+    def http_request(self, route: str, status: str) -> None:
+        self.http_requests.labels(route, status).inc()
 
     def on_step(self, step: StepDone) -> None:
         """The AsyncEngine step listener (on its event thread, once per engine step)."""

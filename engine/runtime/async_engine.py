@@ -66,9 +66,10 @@ class AsyncEngine:
         return self._dead is not None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                       priority: int = 0, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, adapter: str | None = None) -> RequestStream:
         """Stream the request's deltas; the last one of each sample has ``finished`` set. Leaving the iteration
-        early (client cancel, deadline) aborts the request and frees its blocks at once.
+        early (client cancel, deadline), or closing the stream before reading it, aborts the request and frees its
+        blocks at once.
 
         Raises at once (before any output) for invalid input, a duplicate in-flight id, a full waiting queue or
         a dead engine.
@@ -88,7 +89,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self._adds_sent += 1
         self.client.send(AddRequest(request_id, prompt, params, priority, time.monotonic(), adapter))
-        return self._iterate(request_id, stream, effective.n)
+        return RequestStream(self, request_id, self._iterate(request_id, stream, effective.n))
 
     def abort(self, request_id: str) -> bool:
         """Abort an in-flight request (its blocks are freed before the next step). False if unknown."""
@@ -129,6 +130,11 @@ class AsyncEngine:
         await asyncio.get_running_loop().run_in_executor(None, self.client.shutdown)
 
     # ---- the caller's side ------------------------------------------------------------------------------------
+    def _forget(self, request_id: str) -> None:
+        """A stream closed before it was ever read: its generator's cleanup never runs, so do it here."""
+        if self._streams.pop(request_id, None) is not None:
+            self.abort(request_id)
+
     async def _iterate(self, request_id: str, stream: _Stream, num_samples: int) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
@@ -206,6 +212,31 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+class RequestStream:
+    """One request's deltas (``async for``); :meth:`aclose` aborts the request unless it finished, even when the
+    stream was never read (a bare async generator closed before its first step would skip its cleanup, leaving
+    the request running and its id in flight)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, deltas: AsyncIterator[RequestOutput]):
+        self.request_id = request_id
+        self._engine = engine
+        self._deltas = deltas
+        self._started = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    def __anext__(self):
+        self._started = True
+        return self._deltas.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._started:
+            self._started = True
+            self._engine._forget(self.request_id)
+        await self._deltas.aclose()
 
 
 def _put_all(batch: list[tuple[_Stream, object]]) -> None:

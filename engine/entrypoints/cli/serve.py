@@ -1,15 +1,18 @@
-"""``glmserve serve``: the gRPC server as a process.
+"""``glmserve serve``: the server as a process: gRPC and the OpenAI-compatible HTTP API over one engine core.
 
 Prints machine-readable lifecycle lines on stdout (tests and scripts wait for them)::
 
-    glmserve: serving on HOST:PORT metrics on PORT     (bound; health NOT_SERVING while the model loads)
+    glmserve: serving on HOST:PORT metrics on PORT http on PORT
+                                                       (bound; health NOT_SERVING / 503 while the model loads;
+                                                        a port that is off reads "off")
     glmserve: engine core pid PID                      (the engine core's own process, loading the model)
     glmserve: ready                                    (health SERVING)
     glmserve: drained N in-flight requests, exiting    (after SIGTERM/SIGINT; exit code 0)
 
 If the drain timeout passes first, the requests still running are cancelled (and aborted), and the exit code is 0
 all the same: the process did what a SIGTERM asks.
-grpc is imported only when the command runs, so the CLI and the engine stay importable without it.
+grpc (and FastAPI) are imported only when the command runs, so the CLI and the engine stay importable without
+them.
 """
 from __future__ import annotations
 
@@ -26,16 +29,21 @@ from glmserve.engine.entrypoints.cli.env import API_KEY_ENV
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="run the gRPC server",
-                       description="Serve a model over gRPC (glmserve.v1.Generation, health, reflection) "
+    p = sub.add_parser("serve", help="run the server (gRPC and the OpenAI-compatible HTTP API)",
+                       description="Serve a model over gRPC (glmserve.v1.Generation, health, reflection) and "
+                                   "OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health), "
                                    "with Prometheus metrics.")
     add_engine_arguments(p)
     g = p.add_argument_group("server")
     # No default here: ServerOptions.host (127.0.0.1) is the one definition, applied in run_serve.
     g.add_argument("--host", default=None,
-                   help="address for gRPC and metrics (default: 127.0.0.1, this machine only; 0.0.0.0 listens on "
+                   help="address for gRPC, HTTP and metrics (default: 127.0.0.1, this machine only; 0.0.0.0 listens on "
                         "every interface, as the container image and the Kubernetes manifests ask)")
     g.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    g.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port; 0 picks a free one, -1 turns it off (default: %(default)s)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model id of the HTTP API (its 'model' field, /v1/models) (default: the model's name)")
     g.add_argument("--metrics-port", type=int, default=9090,
                    help="Prometheus /metrics port; 0 picks a free one, -1 turns it off (default: %(default)s)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
@@ -43,8 +51,10 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--max-waiting-requests", type=int, default=None,
                    help="refuse new requests with RESOURCE_EXHAUSTED while this many wait (default: no limit)")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                   help=f"require 'authorization: Bearer KEY' metadata (default: ${API_KEY_ENV}); health is exempt")
-    g.add_argument("--tls-cert", default=None, help="PEM certificate chain; serve TLS (with --tls-key)")
+                   help=f"require 'authorization: Bearer KEY' (gRPC metadata, HTTP header) (default: ${API_KEY_ENV}); "
+                        "health checks are exempt")
+    g.add_argument("--tls-cert", default=None,
+                   help="PEM certificate chain; serve TLS on the gRPC and HTTP ports (with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
     g.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest request or response message (default: %(default)s)")
@@ -54,16 +64,18 @@ def add_serve_parser(sub) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from glmserve.engine.attention.backends import check_backend
     from glmserve.engine.model.loader import resolve_model_source
-    from glmserve.engine.entrypoints.grpc.server import ServerOptions
+    from glmserve.engine.entrypoints.server_options import ServerOptions
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"TLS file {path} does not exist")
     host = {} if args.host is None else {"host": args.host}
     options = ServerOptions(
-        **host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        drain_timeout=args.drain_timeout, max_waiting_requests=args.max_waiting_requests, api_key=args.api_key,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes)
+        **host, port=args.port, http_port=None if args.http_port < 0 else args.http_port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port, drain_timeout=args.drain_timeout,
+        max_waiting_requests=args.max_waiting_requests, api_key=args.api_key,
+        served_model_name=args.served_model_name, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        max_message_bytes=args.max_message_bytes)
     config = engine_config_from_args(args)
     # A bad --model or an attention backend that cannot run here fails before the port is bound.
     resolve_model_source(config.model, config.load_format, config.tokenizer)
@@ -76,9 +88,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def serve(config, options) -> int:
-    from glmserve.engine.entrypoints.grpc.server import GenerationServer
+    from glmserve.engine.entrypoints.serving import ModelServer
     from glmserve.engine.runtime.core_client import ProcessEngineCore
-    server = GenerationServer(options)
+    server = ModelServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,7 +98,8 @@ async def serve(config, options) -> int:
     try:
         await server.start()
         metrics = "off" if server.metrics_port is None else str(server.metrics_port)
-        print(f"glmserve: serving on {options.host}:{server.port} metrics on {metrics}", flush=True)
+        http = "off" if server.http_port is None else str(server.http_port)
+        print(f"glmserve: serving on {options.host}:{server.port} metrics on {metrics} http on {http}", flush=True)
         engine_core = ProcessEngineCore(config)    # loads the model in its own process
         print(f"glmserve: engine core pid {engine_core.pid}", flush=True)
         load = asyncio.ensure_future(server.load(engine_core.wait_ready))

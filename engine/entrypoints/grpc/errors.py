@@ -14,14 +14,10 @@ from glmserve.engine.core.adapters import (AdapterCapacityError, AdapterExistsEr
                                            AdapterLoadError, UnknownAdapterError)
 from glmserve.engine.core.errors import (DuplicateRequestError, EngineDeadError, EngineStepError, QueueFullError,
                                          RequestError)
+from glmserve.engine.entrypoints.serving_state import ServiceUnavailable
 from glmserve.engine.text.chat_format import ChatFormatError
 from glmserve.engine.core.sampling_params import SamplingParamsError
 from glmserve.engine.text.tokenizer import TokenizerError
-
-
-class ServiceUnavailable(RuntimeError):
-    """The server cannot take the call right now (loading, warming up, draining): clients should retry later."""
-
 
 # Errors that describe a bad request; their messages name the offending field.
 _INVALID = (RequestError, SamplingParamsError, ChatFormatError, TokenizerError, AdapterLoadError)

@@ -1,7 +1,8 @@
 """The ``glmserve.v1.Generation`` handlers: proto in, AsyncEngine, proto out.
 
 Every handler raises plain exceptions; the ``_rpc`` wrapper maps them to a status code (``grpc_errors``), counts
-the call by method and code, and tracks the Generate/Chat calls a drain has to wait for. Leaving a request's
+the call by method and code, and tracks the Generate/Chat calls a drain has to wait for (in the server's
+``ServingState``, shared with the HTTP frontend). Leaving a request's
 engine stream early, for whatever reason (client cancel, deadline, error), aborts the request and frees its
 KV blocks before the handler returns.
 """
@@ -22,8 +23,9 @@ from glmserve.engine.core.outputs import RequestOutput
 from glmserve.engine.entrypoints.chat import ChatTemplate
 from glmserve.engine.entrypoints.grpc import proto_convert as convert
 from glmserve.engine.entrypoints.grpc.deadline import Deadline
-from glmserve.engine.entrypoints.grpc.errors import ServiceUnavailable, status_for
+from glmserve.engine.entrypoints.grpc.errors import status_for
 from glmserve.engine.entrypoints.metrics import ServerMetrics
+from glmserve.engine.entrypoints.serving_state import ServingState
 from glmserve.engine.runtime.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
@@ -58,48 +60,22 @@ def _rpc(*, tracked: bool = False):
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, state: ServingState, metrics: ServerMetrics):
+        self._state = state          # shared with the other frontends of the server: engine, draining, in flight
         self._metrics = metrics
-        self._engine: AsyncEngine | None = None
-        self._chat: ChatTemplate | None = None
-        self._draining = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    # ---- lifecycle (called by the server) -------------------------------------------------------------------
-    def set_engine(self, engine: AsyncEngine) -> None:
-        self._chat = ChatTemplate(engine.tokenizer)
-        self._engine = engine
-
-    def start_draining(self) -> int:
-        """Refuse new Generate/Chat calls from now on; returns how many are in flight."""
-        self._draining = True
-        return self._in_flight
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Whether every in-flight Generate/Chat call finished within ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
 
     def _enter(self) -> None:
-        self._in_flight += 1
-        self._idle.clear()
+        self._state.enter()
 
     def _leave(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
-            self._idle.set()
+        self._state.leave()
 
     def _ready(self, new_work: bool = False) -> AsyncEngine:
-        if self._engine is None:
-            raise ServiceUnavailable("the server is starting: the model is not loaded and warmed up yet")
-        if new_work and self._draining:
-            raise ServiceUnavailable("the server is shutting down and takes no new requests")
-        return self._engine
+        return self._state.ready(new_work)
+
+    @property
+    def _chat(self) -> ChatTemplate:
+        return self._state.chat
 
     # ---- handlers -------------------------------------------------------------------------------------------
     @_rpc(tracked=True)

@@ -1,0 +1,94 @@
+"""The outermost layer of the HTTP API (plain ASGI, around the FastAPI app): the API key, the call counter, and
+the generation calls a drain waits for.
+
+- Every route but ``/health`` needs ``Authorization: Bearer KEY`` when the server has an API key (probes carry
+  no credentials); a call without it gets 401 before its body is read.
+- Each call is counted in ``glmserve_http_requests_total{route,status}`` once its response is complete. The route
+  is the path of a served route, else ``other`` (a bounded label set). A client that disconnects before its
+  response is complete is counted with status ``499`` (nginx's "client closed request"), whatever was sent.
+- Calls to the generation routes count as in flight (``ServingState``) until their last byte is sent, streamed
+  responses included, so a drain waits for them.
+"""
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from glmserve.engine.entrypoints.http.errors import error_body
+from glmserve.engine.entrypoints.http.streaming import json_body
+from glmserve.engine.entrypoints.metrics import ServerMetrics
+from glmserve.engine.entrypoints.serving_state import ServingState
+
+GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+ROUTES = GENERATION_ROUTES | {"/v1/models", "/health", "/tokenize"}
+OPEN_ROUTES = frozenset({"/health"})
+CLIENT_CLOSED = "499"
+API_KEY_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+
+
+def route_label(path: str) -> str:
+    if path in ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
+
+
+class CallObserver:
+    def __init__(self, app: ASGIApp, state: ServingState, metrics: ServerMetrics, api_key: str | None):
+        self._app = app
+        self._state = state
+        self._metrics = metrics
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = route_label(path)
+        status = "500"            # if the app raises before it answers
+        complete = disconnected = False
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, complete
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+            await send(message)
+
+        async def observed_receive() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and not complete:
+                disconnected = True
+            return message
+
+        tracked = path in GENERATION_ROUTES
+        if tracked:
+            self._state.enter()
+        try:
+            if self._expected is not None and path not in OPEN_ROUTES and not self._authorized(scope):
+                await _send_json(observed_send, 401, error_body(API_KEY_MESSAGE, "invalid_request_error", None,
+                                                                "invalid_api_key"))
+            else:
+                await self._app(scope, observed_receive, observed_send)
+        finally:
+            if tracked:
+                self._state.leave()
+            self._metrics.http_request(route, CLIENT_CLOSED if disconnected and not complete else status)
+
+    def _authorized(self, scope: Scope) -> bool:
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                return hmac.compare_digest(value, self._expected)   # constant time: no timing oracle
+        return False
+
+
+async def _send_json(send: Send, status: int, payload: dict) -> None:
+    body = json_body(payload)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
