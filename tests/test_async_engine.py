@@ -69,15 +69,18 @@ def test_a_stream_closed_before_it_was_read_aborts_its_request(tiny_checkpoint):
 
     async def scenario():
         async_engine = AsyncEngine(InprocEngineCore(engine))
+        finished = []
+        async_engine.step_listeners.append(lambda step: finished.extend(
+            (out.request_id, o.finish_reason) for out in step.outputs for o in out.outputs if o.finished))
         try:
             stream = await async_engine.generate("unread", [5, 6, 7], SamplingParams(max_tokens=300, ignore_eos=True))
-            await stream.aclose()                     # never iterated: still aborted, its id free again
-            again = await async_engine.generate("unread", [5], SamplingParams(max_tokens=2, ignore_eos=True))
-            assert sum([len(d.outputs[0].token_ids) async for d in again]) == 2
-            for _ in range(100):
-                if not engine.has_unfinished_requests():
+            await stream.aclose()                     # never iterated: the request is aborted all the same
+            assert not async_engine.abort("unread")   # and the frontend no longer knows its id
+            for _ in range(200):
+                if ("unread", "abort") in finished:
                     break
                 await asyncio.sleep(0.02)
+            assert finished == [("unread", "abort")]
         finally:
             await async_engine.shutdown()
 
