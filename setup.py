@@ -27,11 +27,19 @@ GRPC = [
     "protobuf>=7.35.1",
     "prometheus_client>=0.19",
 ]
+# The OpenAI-compatible HTTP API: FastAPI (request models, routing) on uvicorn, run on the gRPC server's event loop;
+# httptools is uvicorn's fast HTTP/1.1 parser (without it uvicorn falls back to the pure-Python h11).
+HTTP = [
+    "fastapi>=0.115",
+    "uvicorn>=0.30",      # Server.capture_signals, which the listener overrides to keep SIGTERM for the drain
+    "httptools>=0.6",
+]
 
 setup(
     name="glmserve",
     version="0.1.0",
-    description="A batched serving engine for ChatGLM3 (continuous batching, paged KV cache, Triton kernels, gRPC)",
+    description="A batched serving engine for ChatGLM3 (continuous batching, paged KV cache, Triton kernels, gRPC and "
+                "an OpenAI-compatible HTTP API)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -53,7 +61,7 @@ setup(
         # triton, which only its GPU kernel uses: a CPU install gets triton through xgrammar.
         "xgrammar>=0.2.9",
         "transformers>=4.46",
-    ] + GRPC,
+    ] + GRPC + HTTP,
     extras_require={
         "test": [
             "import-linter>=2.1",
@@ -66,8 +74,10 @@ setup(
             "kubernetes-validate>=1.28",
             "pyyaml>=6",
             "jsonschema>=4.17",   # structured-output tests validate every constrained output with it
+            "openai>=1.40",       # the HTTP API's tests use the official client
         ],
-        "bench": ["matplotlib>=3.7", "transformers>=4.46"],
+        # aiohttp: the load harness's and the frontend benchmark's HTTP client (see bench/serve/openai_backend.py)
+        "bench": ["matplotlib>=3.7", "transformers>=4.46", "aiohttp>=3.9"],
     },
     entry_points={
         "console_scripts": [

@@ -6,11 +6,13 @@ SIGTERM/drain and start-up tests start ``glmserve serve --port 0`` as a real pro
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from typing import Callable
@@ -104,6 +106,18 @@ def wait_idle(client: GenerationClient, timeout: float = 20.0) -> None:
     eventually(idle, timeout, "the server going idle")
 
 
+def http_json(url: str, payload: dict | None = None, headers: dict[str, str] | None = None,
+              timeout: float = 30) -> tuple[int, dict]:
+    """(status, JSON body) of a GET (no payload) or a POST of ``payload``; an error status is returned, not raised."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data, {"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
 def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of a /metrics page."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -138,11 +152,12 @@ def scripted_replies(engine: EngineCore, scripts: dict[str, list[int]]):
 
 
 # ---- subprocess server ---------------------------------------------------------------------------------------------
-SERVING_LINE = re.compile(r"glmserve: serving on (\S+):(\d+) metrics on (\d+|off)")
+SERVING_LINE = re.compile(r"glmserve: serving on (\S+):(\d+) metrics on (\d+|off) http on (\d+|off)")
 
 
 class ServeProcess:
-    """``glmserve serve --model glm-tiny --port 0 ...`` as a child process, its stdout read on a thread."""
+    """``glmserve serve --model glm-tiny --port 0 --http-port 0 ...`` as a child process, its stdout read on a
+    thread."""
 
     def __init__(self, *extra_args: str, timeout: float = 120):
         cmd = [sys.executable, "-m", "glmserve.engine.entrypoints.cli.main", "serve", "--model", MODEL, "--host", "127.0.0.1",
@@ -156,6 +171,7 @@ class ServeProcess:
         self.engine_core_pid = int(self.wait_for_line("glmserve: engine core pid", timeout).split()[-1])
         self.port = int(match.group(2))
         self.metrics_port = None if match.group(3) == "off" else int(match.group(3))
+        self.http_port = None if match.group(4) == "off" else int(match.group(4))
         self.target = f"127.0.0.1:{self.port}"
 
     def _read(self) -> None:
