@@ -2,9 +2,10 @@
 
 Four kinds, each a way a real client goes wrong:
   cancel     reads a few streamed chunks, then cancels the call (the server must abort and free the blocks)
-  deadline   sends a deadline shorter than the generation takes (DEADLINE_EXCEEDED, request aborted)
-  invalid    sends a sampling parameter out of range (INVALID_ARGUMENT before anything is scheduled)
-  overlong   sends a prompt longer than the model's context (INVALID_ARGUMENT)
+  deadline   sends a deadline shorter than the generation takes (gRPC: DEADLINE_EXCEEDED; HTTP: the client gives
+             up and disconnects, recorded as DEADLINE_EXCEEDED too; either way the request is aborted)
+  invalid    sends a sampling parameter out of range (INVALID_ARGUMENT, HTTP 400, before anything is scheduled)
+  overlong   sends a prompt longer than the model's context (INVALID_ARGUMENT, HTTP 400)
 Afterwards the server must still be SERVING, with nothing running, nothing waiting and every KV block free.
 """
 from __future__ import annotations
@@ -15,8 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from glmserve.engine.entrypoints.grpc.client import SERVING, AsyncGenerationClient, Load
-
+from glmserve.bench.serve.backend import SERVING, Backend, Load, backend_of
 from glmserve.bench.serve.datasets import FIRST_RANDOM_ID
 
 KINDS = ("cancel", "deadline", "invalid", "overlong")
@@ -88,18 +88,20 @@ def is_idle(load: Load) -> bool:
     return load.num_running == 0 and load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks
 
 
-async def check_idle(client: AsyncGenerationClient, settle_s: float) -> HealthCheck:
-    """Health and load once the server had up to ``settle_s`` seconds to finish aborting what was cancelled."""
+async def check_idle(backend: Backend, settle_s: float) -> HealthCheck:
+    """Health and load once the server had up to ``settle_s`` seconds to finish aborting what was cancelled.
+    ``backend``: a backend, or a gRPC client."""
+    backend = backend_of(backend)
     start = time.perf_counter()
     load = None
     try:
-        serving = await client.health(timeout=5)
+        serving = await backend.health()
         while True:
-            load = await client.load(timeout=5)
-            if is_idle(load) or time.perf_counter() - start > settle_s:
+            load = await backend.load()
+            if load is None or is_idle(load) or time.perf_counter() - start > settle_s:
                 break
             await asyncio.sleep(0.05)
-        serving = await client.health(timeout=5)   # again: it must still serve after the aborts settled
+        serving = await backend.health()   # again: it must still serve after the aborts settled
     except Exception as exc:  # noqa: BLE001 - any failure to answer is the finding
         serving = f"unreachable ({type(exc).__name__}: {exc})"
     return HealthCheck(serving, load, time.perf_counter() - start)

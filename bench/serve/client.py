@@ -1,22 +1,20 @@
-"""One benchmark request on the wire: send it, stream the reply, stamp each chunk's arrival.
+"""One benchmark request as the client saw it, whatever the protocol: the record, and the sampling every request
+asks for.
 
 Nothing here computes a metric; the record keeps raw ``time.perf_counter()`` stamps and counts, and
-``serve_metrics`` turns records into figures.
+``serve_metrics`` turns records into figures. The backends (grpc_backend, openai_backend) send the requests.
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field
-
-import grpc
-
-from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
 
 from glmserve.bench.serve.chaos import CHAOS_OUTPUT_LEN, Chaos
 from glmserve.bench.serve.datasets import BenchPrompt
 
 OK = "OK"
+# How a call that the client itself ended is recorded, on every protocol.
+CANCELLED = "CANCELLED"                 # we stopped reading (a chaos cancel)
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the call's deadline passed
 
 
 @dataclass
@@ -29,7 +27,7 @@ class RequestRecord:
     end: float = 0.0                  # perf_counter() when the call ended (any status)
     chunk_times: list[float] = field(default_factory=list)   # arrival of each chunk that carried tokens
     chunk_tokens: list[int] = field(default_factory=list)    # tokens in that chunk
-    code: str = OK                    # gRPC status code name; CANCELLED when we cancelled it ourselves
+    code: str = OK                    # gRPC status code name, or HTTP status; CANCELLED when we cancelled it
     error: str = ""
     prompt_len: int = 0               # as the server counted it (usage), else as planned
     reply: str = ""                   # the streamed text (a multiturn session's next history entry)
@@ -57,41 +55,6 @@ def sampling_for(prompt: BenchPrompt, temperature: float, chaos: Chaos | None,
     return sampling
 
 
-async def send(client: AsyncGenerationClient, request_id: str, prompt: BenchPrompt, history: list[dict],
-               temperature: float, chaos: Chaos | None = None, structured: dict | None = None) -> RequestRecord:
-    """Send ``prompt`` (after ``history``, for a multiturn session) and record the streamed reply.
-
-    Never raises for a failed call: the status lands in the record, so one bad request cannot stop a run.
-    """
-    sampling = sampling_for(prompt, temperature, chaos, structured)
-    timeout = chaos.timeout_s if chaos is not None else None
-    start = time.perf_counter()   # the call starts as soon as generate()/chat() is called
-    token_ids = chaos.prompt_token_ids if chaos is not None and chaos.prompt_token_ids else prompt.prompt_token_ids
-    if token_ids is not None:
-        stream = client.generate(prompt_token_ids=list(token_ids), request_id=request_id, timeout=timeout,
-                                 **sampling)
-    else:
-        messages = history + [{"role": role, "content": content} for role, content in prompt.messages]
-        stream = client.chat(messages, request_id=request_id, timeout=timeout, **sampling)
-    record = RequestRecord(request_id, chaos.kind if chaos else None, start, prompt_len=prompt.prompt_len or 0)
-    cancel_after = chaos.cancel_after if chaos is not None and chaos.kind == "cancel" else None
-    text = []
-    try:
-        # aclosing: leaving the loop early must cancel the call now, not when the generator is collected.
-        async with contextlib.aclosing(stream):
-            async for chunk in stream:
-                now = time.perf_counter()
-                if chunk.token_ids:
-                    record.chunk_times.append(now)
-                    record.chunk_tokens.append(len(chunk.token_ids))
-                text.append(chunk.text)
-                if chunk.usage is not None:
-                    record.prompt_len = chunk.usage.prompt_tokens
-                if cancel_after is not None and len(record.chunk_times) >= cancel_after and not chunk.finished:
-                    record.code, record.error = grpc.StatusCode.CANCELLED.name, "cancelled by the client"
-                    break
-    except grpc.RpcError as exc:
-        record.code, record.error = exc.code().name, exc.details() or ""
-    record.end = time.perf_counter()
-    record.reply = "".join(text)
-    return record
+def messages_for(prompt: BenchPrompt, history: list[dict]) -> list[dict]:
+    """A chat request's messages: the session's history, then the prompt's new turn."""
+    return history + [{"role": role, "content": content} for role, content in prompt.messages]

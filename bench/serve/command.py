@@ -1,8 +1,11 @@
-"""``glmserve-bench serve``: load-test a running glmserve gRPC server, like ``vllm bench serve`` does over HTTP.
+"""``glmserve-bench serve``: load-test a running server, like ``vllm bench serve``, over glmserve's gRPC API or
+OpenAI's HTTP API (glmserve's, or any other OpenAI-compatible server's).
 
   glmserve-bench serve --target localhost:50051 --metrics-url http://localhost:9090/metrics \\
       --dataset random --input-len 32:256 --output-len 16:128 --num-prompts 300 --request-rate 2,4,8 \\
       --goodput ttft:500 tpot:50 --result-json out.json --result-csv out.csv --plot out.png
+  glmserve-bench serve --backend openai --base-url http://localhost:8000/v1 --metrics-url ... --dataset random ...
+  glmserve-bench serve --backend openai-chat --base-url http://localhost:8000/v1 --dataset multiturn ...
 
 Every request asks for an exact number of output tokens (eos and chat stops ignored), so runs are comparable.
 Each offered rate of ``--request-rate`` is one run over the same requests; the console shows a table per run
@@ -21,11 +24,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import grpc
-
-from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient, ModelInfo
-
 from glmserve.bench.serve.arrivals import arrival_offsets, parse_rates
+from glmserve.bench.serve.backend import BACKENDS, Backend, BenchError, ServedModel, backend_of
 from glmserve.bench.serve.chaos import ChaosReport, check_idle, plan_chaos, status_counts
 from glmserve.bench.serve.datasets import (SHAREGPT_SAMPLE, BenchPrompt, IntRange, load_sharegpt, multiturn_prompts,
                              random_prompts, sharegpt_prompts)
@@ -37,16 +37,17 @@ from glmserve.bench.common.output import output_path
 from glmserve.bench.serve.structured_arg import parse_structured
 
 DATASETS = ("random", "sharegpt", "multiturn")
+CHAT_DATASETS = ("sharegpt", "multiturn")
 API_KEY_ENV = "GLMSERVE_API_KEY"
-
-
-class BenchError(Exception):
-    """The benchmark cannot run (server unreachable, workload does not fit the model): one line, exit 1."""
 
 
 @dataclass
 class BenchConfig:
-    target: str
+    target: str | None = None                        # grpc: HOST:PORT
+    backend: str = "grpc"
+    base_url: str | None = None                      # openai, openai-chat: http://HOST:PORT/v1
+    model: str | None = None                         # openai*: the model to ask for (default: the first served)
+    vocab_size: int | None = None                    # openai* random: when the server does not tell it
     dataset: str = "random"
     num_prompts: int = 200
     input_len: IntRange = IntRange(32, 256)          # random: prompt tokens
@@ -72,7 +73,18 @@ class BenchConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="the server's gRPC address, HOST:PORT")
+    parser.add_argument("--backend", choices=BACKENDS, default="grpc",
+                        help="grpc: glmserve's gRPC API (--target); openai: /v1/completions with token-id prompts "
+                             "(the random dataset); openai-chat: /v1/chat/completions (the sharegpt and multiturn "
+                             "datasets), both of any OpenAI-compatible server (--base-url) (default: %(default)s)")
+    parser.add_argument("--target", default=None, help="grpc: the server's gRPC address, HOST:PORT")
+    parser.add_argument("--base-url", default=None, help="openai, openai-chat: the API's base URL, "
+                                                          "e.g. http://localhost:8000/v1")
+    parser.add_argument("--model", default=None,
+                        help="openai, openai-chat: the model to ask for (default: the first the server lists)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="openai random: the vocabulary the random token ids are drawn from, when the server's "
+                             "model list does not give it (glmserve's does)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"sent as 'authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--metrics-url", default=None,
@@ -126,7 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
-        target=args.target, dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
+        target=args.target, backend=args.backend, base_url=args.base_url, model=args.model,
+        vocab_size=args.vocab_size, dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
         output_len=args.output_len, sharegpt_path=args.sharegpt_path,
         sharegpt_max_output_len=args.sharegpt_max_output_len, turns=args.turns, system_words=args.system_words,
         turn_words=args.turn_words, request_rates=args.request_rate, burstiness=args.burstiness,
@@ -174,36 +187,63 @@ def _check(config: BenchConfig) -> None:
         raise ValueError(f"burstiness must be > 0, got {config.burstiness}")
     if not 0 <= config.chaos <= 1:
         raise ValueError(f"chaos must be a fraction in [0, 1], got {config.chaos}")
+    if config.backend == "grpc" and not config.target:
+        raise ValueError("--backend grpc needs --target HOST:PORT")
+    if config.backend != "grpc":
+        if not config.base_url:
+            raise ValueError(f"--backend {config.backend} needs --base-url (e.g. http://localhost:8000/v1)")
+        if config.backend == "openai" and config.dataset in CHAT_DATASETS:
+            raise ValueError(f"the {config.dataset} dataset sends chats: use --backend openai-chat (or grpc)")
+        if config.backend == "openai-chat" and config.dataset == "random":
+            raise ValueError("the random dataset sends token ids: use --backend openai (or grpc)")
+        if config.structured:
+            raise ValueError("--structured is sent as glmserve's gRPC structured-output field: use --backend grpc")
+        if config.chaos and not config.metrics_url:
+            raise ValueError(f"--chaos with --backend {config.backend} needs --metrics-url: the check that the "
+                             "server ends idle reads its load there")
+
+
+def connect(config: BenchConfig) -> Backend:
+    if config.backend == "grpc":
+        from glmserve.bench.serve.grpc_backend import GrpcBackend
+        return GrpcBackend.connect(config.target, config.api_key)
+    from glmserve.bench.serve.openai_backend import OpenAIBackend
+    return OpenAIBackend(config.base_url, chat=config.backend == "openai-chat", api_key=config.api_key,
+                         model=config.model, metrics_url=config.metrics_url, vocab_size=config.vocab_size)
 
 
 # ---- the benchmark ------------------------------------------------------------------------------------------------
 async def benchmark(config: BenchConfig) -> list[RunResult]:
     """One run per request rate, each over requests drawn the same way."""
     _check(config)
-    async with AsyncGenerationClient(config.target, api_key=config.api_key) as client:
-        try:
-            info = await client.model_info(timeout=30)
-        except grpc.RpcError as exc:
-            raise BenchError(f"cannot get the model info from {config.target}: {exc.code().name}: "
-                             f"{exc.details()}") from None
+    backend = connect(config)
+    try:
+        info = await backend.model_info()
         # Each run draws its own prompts (run i from seed + i, the warm-up from seed + number of runs): resent
         # prompts would be served from the prefix cache the previous run filled, flattering every rate of a
         # sweep after the first.
         rates = config.request_rates
         if config.num_warmups:
-            await warm_up(client, config, await build_prompts(client, config, info, config.seed + len(rates)))
+            await warm_up(backend, config, await build_prompts(backend, config, info, config.seed + len(rates)))
         results = []
         for i, rate in enumerate(rates):
-            prompts = await build_prompts(client, config, info, config.seed + i)
-            results.append(await run_once(client, config, info, prompts, rate, config.seed + i))
+            prompts = await build_prompts(backend, config, info, config.seed + i)
+            results.append(await run_once(backend, config, info, prompts, rate, config.seed + i))
         return results
+    finally:
+        await backend.close()
 
 
-async def build_prompts(client: AsyncGenerationClient, config: BenchConfig, info: ModelInfo,
+async def build_prompts(backend: Backend, config: BenchConfig, info: ServedModel,
                         seed: int) -> list[BenchPrompt]:
+    """``backend``: a backend, or a gRPC client."""
+    backend = backend_of(backend)
     if config.dataset == "random":
+        if info.vocab_size is None:
+            raise BenchError("the random dataset draws token ids from the model's vocabulary, and the server does "
+                             "not tell its size: give --vocab-size")
         longest = config.input_len.high + config.output_len.high
-        if longest > info.max_model_len:
+        if info.max_model_len is not None and longest > info.max_model_len:
             raise BenchError(f"--input-len {config.input_len} plus --output-len {config.output_len} can reach "
                              f"{longest} tokens, past the model's max_model_len {info.max_model_len}")
         return random_prompts(config.num_prompts, config.input_len, config.output_len, info.vocab_size, seed)
@@ -212,21 +252,20 @@ async def build_prompts(client: AsyncGenerationClient, config: BenchConfig, info
         return multiturn_prompts(users, config.turns, config.system_words, config.turn_words, config.output_len,
                                  seed)
     exchanges = load_sharegpt(config.sharegpt_path)
-    # Lengths by the server's own tokenizer: the chat prompt of the human turn, and the gpt reply's tokens
-    # without the [gMASK] sop prefix that Tokenize puts before a text.
-    prefix_len = len(await client.tokenize(""))
-    prompt_lens = await asyncio.gather(*(client.tokenize(messages=[{"role": "user", "content": e.human}])
+    # Lengths by the server's own tokenizer: the chat prompt of the human turn, and the gpt reply's tokens.
+    prompt_lens = await asyncio.gather(*(backend.count_prompt_tokens([{"role": "user", "content": e.human}])
                                          for e in exchanges))
-    gpt_lens = await asyncio.gather(*(client.tokenize(e.gpt) for e in exchanges))
-    return sharegpt_prompts(exchanges, [len(p) for p in prompt_lens], [len(g) - prefix_len for g in gpt_lens],
-                            config.num_prompts, config.sharegpt_max_output_len, info.max_model_len, seed)
+    gpt_lens = await asyncio.gather(*(backend.count_text_tokens(e.gpt) for e in exchanges))
+    max_model_len = info.max_model_len if info.max_model_len is not None else 1 << 30
+    return sharegpt_prompts(exchanges, list(prompt_lens), list(gpt_lens), config.num_prompts,
+                            config.sharegpt_max_output_len, max_model_len, seed)
 
 
-async def warm_up(client: AsyncGenerationClient, config: BenchConfig, prompts: list[BenchPrompt]) -> None:
+async def warm_up(backend: Backend, config: BenchConfig, prompts: list[BenchPrompt]) -> None:
     """Untimed requests, all at once (within the concurrency cap), each on its own (no session history)."""
     plan = [Planned(i, dataclasses.replace(p, session=None), 0.0)
             for i, p in enumerate(prompts[:config.num_warmups])]
-    warm = await run_plan(client, plan, temperature=config.temperature, max_concurrency=config.max_concurrency,
+    warm = await run_plan(backend, plan, temperature=config.temperature, max_concurrency=config.max_concurrency,
                           structured=config.structured)
     failed = [r for r in warm.records if not r.ok]
     if failed:
@@ -234,17 +273,19 @@ async def warm_up(client: AsyncGenerationClient, config: BenchConfig, prompts: l
               f"{failed[0].error})", file=sys.stderr)
 
 
-async def run_once(client: AsyncGenerationClient, config: BenchConfig, info: ModelInfo,
+async def run_once(backend: Backend, config: BenchConfig, info: ServedModel,
                    prompts: list[BenchPrompt], rate: float, seed: int) -> RunResult:
     offsets = arrival_offsets(len(prompts), rate, config.burstiness, seed)
-    chaos = plan_chaos(len(prompts), config.chaos, info.vocab_size, info.max_model_len, seed)
+    if config.chaos and (info.max_model_len is None or info.vocab_size is None):
+        raise BenchError("--chaos needs the model's max_model_len and vocabulary size, which the server does not tell")
+    chaos = plan_chaos(len(prompts), config.chaos, info.vocab_size or 0, info.max_model_len or 0, seed)
     plan = [Planned(i, p, offset, c) for i, (p, offset, c) in enumerate(zip(prompts, offsets, chaos))]
     before = await _scrape(config.metrics_url)
     peaks = Peaks()
-    poller = asyncio.create_task(poll_peaks(client, peaks))
+    poller = asyncio.create_task(poll_peaks(backend, peaks))
     label = f"{config.dataset} @ {'inf' if math.isinf(rate) else f'{rate:g}'} req/s"
     try:
-        run = await run_plan(client, plan, temperature=config.temperature, max_concurrency=config.max_concurrency,
+        run = await run_plan(backend, plan, temperature=config.temperature, max_concurrency=config.max_concurrency,
                              progress=config.progress, label=label, structured=config.structured)
     finally:
         poller.cancel()
@@ -253,14 +294,15 @@ async def run_once(client: AsyncGenerationClient, config: BenchConfig, info: Mod
     chaos_report = None
     if config.chaos:
         outcomes = [(r.chaos, r.code) for r in run.records if r.chaos is not None]
-        chaos_report = ChaosReport(status_counts(outcomes), await check_idle(client, config.settle_s))
+        chaos_report = ChaosReport(status_counts(outcomes), await check_idle(backend, config.settle_s))
     # Read after the chaos check settled, so the end-of-run gauges show what the run left behind.
     after = await _scrape(config.metrics_url)
     return RunResult(
         model=info.model, dataset=config.dataset, num_prompts=sum(c is None for c in chaos), request_rate=rate,
         burstiness=config.burstiness, max_concurrency=config.max_concurrency, slos_ms=config.slos_ms,
         metrics=compute_metrics(run.records, run.duration, config.slos_ms), server=figures(peaks, before, after),
-        chaos=chaos_report)
+        chaos=chaos_report, backend=backend.name,
+        load_source=backend.load_source if backend.name == "grpc" or config.metrics_url else None)
 
 
 async def _scrape(url: str | None) -> Counters | None:

@@ -27,6 +27,8 @@ class RunResult:
     metrics: BenchMetrics
     server: ServerFigures
     chaos: ChaosReport | None = None
+    backend: str = "grpc"         # how the requests were sent (--backend)
+    load_source: str | None = "GetLoad"   # where the load peaks come from; None: nowhere (no peaks)
 
     @property
     def passed(self) -> bool:
@@ -42,7 +44,7 @@ def _rate(rate: float) -> float | str:
 def result_json(result: RunResult) -> dict:
     m = result.metrics
     out = {
-        "model": result.model, "dataset": result.dataset, "num_prompts": result.num_prompts,
+        "backend": result.backend, "model": result.model, "dataset": result.dataset, "num_prompts": result.num_prompts,
         "request_rate": _rate(result.request_rate), "burstiness": result.burstiness,
         "max_concurrency": result.max_concurrency,
         "completed": m.completed, "failed": m.failed, "duration": m.duration,
@@ -56,6 +58,8 @@ def result_json(result: RunResult) -> dict:
     out["goodput_slos_ms"] = result.slos_ms
     out["errors"] = m.errors
     out["server"] = dataclasses.asdict(result.server)
+    if result.load_source is None:   # nothing was sampled: no peak to report
+        out["server"].update(kv_cache_usage_peak=None, num_requests_running_peak=None, num_requests_waiting_peak=None)
     if result.chaos is not None:
         health = result.chaos.health
         out["chaos"] = {
@@ -121,8 +125,12 @@ def run_table(result: RunResult) -> str:
         stats: LatencyStats = getattr(m, name)
         lines.append(f"{name.upper():<8}" + "".join(f"{getattr(stats, stat):>11.2f}" for stat in STATS))
     lines.append(f"{' Server ':-^64}")
-    row("KV cache usage, peak (GetLoad)", f"{s.kv_cache_usage_peak:.1%}")
-    row("Requests running / waiting, peak", f"{s.num_requests_running_peak} / {s.num_requests_waiting_peak}")
+    if result.load_source is None:
+        row("KV cache usage, peak", "n/a (no --metrics-url)")
+        row("Requests running / waiting, peak", "n/a")
+    else:
+        row(f"KV cache usage, peak ({result.load_source})", f"{s.kv_cache_usage_peak:.1%}")
+        row("Requests running / waiting, peak", f"{s.num_requests_running_peak} / {s.num_requests_waiting_peak}")
     if s.num_preemptions is not None:
         row("KV cache usage at the end", f"{s.kv_cache_usage_end:.1%}")
         row("Preemptions", s.num_preemptions)

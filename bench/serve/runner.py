@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
-
+from glmserve.bench.serve.backend import Backend, backend_of
 from glmserve.bench.serve.chaos import Chaos
-from glmserve.bench.serve.client import RequestRecord, send
+from glmserve.bench.serve.client import RequestRecord
 from glmserve.bench.serve.datasets import BenchPrompt
 
 
@@ -38,9 +37,11 @@ class RunRecords:
     duration: float                # first send to last reply, seconds
 
 
-async def run_plan(client: AsyncGenerationClient, plan: list[Planned], *, temperature: float,
+async def run_plan(backend: Backend, plan: list[Planned], *, temperature: float,
                    max_concurrency: int | None, progress: bool = False, label: str = "",
                    structured: dict | None = None) -> RunRecords:
+    """``backend``: a backend, or a gRPC client (the gRPC backend)."""
+    backend = backend_of(backend)
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     records: list[RequestRecord | None] = [None] * len(plan)
     run_id = uuid.uuid4().hex[:8]   # request ids must be unique among in-flight requests, across harnesses too
@@ -56,8 +57,8 @@ async def run_plan(client: AsyncGenerationClient, plan: list[Planned], *, temper
             if delay > 0:
                 await asyncio.sleep(delay)
             async with slots if slots is not None else contextlib.nullcontext():
-                record = await send(client, f"bench-{run_id}-{item.index}", item.prompt, history, temperature,
-                                    item.chaos, structured)
+                record = await backend.send(f"bench-{run_id}-{item.index}", item.prompt, history, temperature,
+                                            item.chaos, structured)
             records[item.index] = record
             bar.update()
             if record.ok and item.prompt.messages is not None and item.prompt.session is not None:
