@@ -26,8 +26,10 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "offline": Subcommand("glmserve.bench.offline.command",
                           "offline throughput: glmserve against HF generate (static batches, one at a time)"),
-    "frontend": Subcommand("glmserve.bench.frontend", "the gRPC frontend's own cost: streams through gRPC vs in-process"),
-    "serve": Subcommand("glmserve.bench.serve.command", "load-test a running gRPC server (latency, throughput, goodput)"),
+    "frontend": Subcommand("glmserve.bench.frontend",
+                           "the gRPC and HTTP frontends' own cost: streams through each protocol vs in-process"),
+    "serve": Subcommand("glmserve.bench.serve.command", "load-test a running server over gRPC or OpenAI's HTTP API "
+                                                        "(latency, throughput, goodput)"),
     "long-context": Subcommand("glmserve.bench.long_context", "a 32768-token prompt on the CPU: time and peak memory"),
     "lora": Subcommand("glmserve.bench.lora",
                        "a batch spread over LoRA adapters against the base model; memory per adapter and prefix"),

@@ -1,19 +1,24 @@
-"""``glmserve-bench frontend``: what the gRPC frontend costs on top of the engine.
+"""``glmserve-bench frontend``: what the gRPC and HTTP frontends cost on top of the engine.
 
   glmserve-bench frontend [--model glm-tiny] [--concurrency 1,64,256] [--max-tokens 32] [--prompt-len 16]
-                          [--attention-backend auto] [--out result.json]
+                          [--modes engine,grpc,http] [--attention-backend auto] [--out result.json]
 
-The same streams run in two modes, each on a fresh engine core in its own process (as ``glmserve serve`` runs it):
+The same streams run in up to three modes, on engine cores in their own processes (as ``glmserve serve`` runs
+them): one for the engine mode, one shared by the two protocols, which take turns on one server as they do in
+``glmserve serve``:
 
 * ``engine``: the streams are read in this process straight from ``AsyncEngine``: the engine and the hand-off of its
   deltas, with no protocol at all;
-* ``grpc``: a real gRPC server in this process (over its own AsyncEngine) serves a client in a process of its own,
-  as real clients are: protobuf, HTTP/2, the servicer and the client's decoding are added.
+* ``grpc``: a real server in this process (over its own AsyncEngine) serves a gRPC client in a process of its own,
+  as real clients are: protobuf, HTTP/2, the servicer and the client's decoding are added;
+* ``http``: the same, through the OpenAI-compatible HTTP API: streamed ``/v1/completions`` (token-id prompts, each
+  chunk carrying its token ids), read by an aiohttp client in a process of its own: JSON, SSE over HTTP/1.1 (one
+  connection per stream), FastAPI/uvicorn and the client's parsing are added.
 
 Each chunk's latency runs from the engine step that produced its last token (the step's timestamp, taken in the
 engine core's process) to the moment the reader received it, on the machine's one monotonic clock. The difference
-between the modes is the frontend's cost, per chunk and in streamed tokens/s; the grpc/engine throughput ratio is
-the figure issue 14 sets targets for.
+between the modes is a frontend's cost, per chunk and in streamed tokens/s; the grpc/engine and http/engine
+throughput ratios are the figures issues 14 and 15 set targets for.
 """
 from __future__ import annotations
 
@@ -42,13 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,64,256", help="comma-separated numbers of concurrent streams")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per stream (eos ignored)")
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--modes", default="engine,grpc,http",
+                        help="comma-separated modes to run (engine is the baseline the others are compared with)")
     parser.add_argument("--attention-backend", default="auto", help="of the engine core (default: as serve runs)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
 
 
+MODES = ("engine", "grpc", "http")
+
+
 @dataclass
 class ModeResult:
-    mode: str                 # "engine" (AsyncEngine in this process) or "grpc" (a client process over gRPC)
+    mode: str                 # "engine" (AsyncEngine in this process), "grpc" or "http" (a client process)
     concurrency: int          # streams at once
     tokens: int
     wall_s: float
@@ -60,9 +70,10 @@ class ModeResult:
 @dataclass
 class FrontendCost:
     concurrency: int
-    added_p50_ms: float       # grpc minus engine chunk latency
+    added_p50_ms: float       # the frontend's chunk latency minus the engine's
     added_p99_ms: float
-    throughput_ratio: float   # grpc tokens/s over engine tokens/s
+    throughput_ratio: float   # the frontend's tokens/s over the engine's
+    mode: str = "grpc"
 
 
 @dataclass
@@ -78,9 +89,9 @@ class FrontendResult:
             lines.append(f"{r.mode:<7} {r.concurrency:>7} {r.tokens_per_s:>10.0f} {r.chunk_latency_p50_ms:>8.2f} "
                          f"{r.chunk_latency_p99_ms:>8.2f}")
         lines.append("")
-        lines.append(f"{'streams':>7} {'added p50 ms':>13} {'added p99 ms':>13} {'grpc/engine tok/s':>18}")
+        lines.append(f"{'mode':<7} {'streams':>7} {'added p50 ms':>13} {'added p99 ms':>13} {'mode/engine tok/s':>18}")
         for c in self.cost:
-            lines.append(f"{c.concurrency:>7} {c.added_p50_ms:>13.2f} {c.added_p99_ms:>13.2f} "
+            lines.append(f"{c.mode:<7} {c.concurrency:>7} {c.added_p50_ms:>13.2f} {c.added_p99_ms:>13.2f} "
                          f"{c.throughput_ratio:>18.2f}")
         return "\n".join(lines)
 
@@ -142,31 +153,70 @@ async def _engine_streams(engine: AsyncEngine, prompts: list[list[int]], max_tok
     return await _gather_streams(len(prompts), one_stream)
 
 
-# ---- the grpc mode: a client in a process of its own ---------------------------------------------------------------
-def _client_process(target: str, prompts: list[list[int]], max_tokens: int, salt: int, conn) -> None:
-    async def run() -> tuple[dict[str, Chunks], float]:
-        async with AsyncGenerationClient(target) as client:
-            async def one_stream(i: int) -> tuple[str, Chunks]:
-                request_id, chunks = f"g{salt}-{i}", []
-                async for chunk in client.generate(prompt_token_ids=prompts[i], request_id=request_id,
-                                                   max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
-                    chunks.append((time.monotonic(), len(chunk.token_ids)))
-                return request_id, chunks
-            return await _gather_streams(len(prompts), one_stream)
-    conn.send(asyncio.run(run()))
+# ---- the grpc and http modes: a client in a process of its own -----------------------------------------------------
+async def _grpc_client_streams(target: str, prompts: list[list[int]], max_tokens: int,
+                               salt: int) -> tuple[dict[str, Chunks], float]:
+    async with AsyncGenerationClient(target) as client:
+        async def one_stream(i: int) -> tuple[str, Chunks]:
+            request_id, chunks = f"g{salt}-{i}", []
+            async for chunk in client.generate(prompt_token_ids=prompts[i], request_id=request_id,
+                                               max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
+                chunks.append((time.monotonic(), len(chunk.token_ids)))
+            return request_id, chunks
+        return await _gather_streams(len(prompts), one_stream)
+
+
+async def _http_client_streams(base_url: str, prompts: list[list[int]], max_tokens: int,
+                               salt: int) -> tuple[dict[str, Chunks], float]:
+    """Streamed /v1/completions, one connection per stream (as OpenAI clients do), the SSE lines parsed as they
+    come; the server sends each chunk's token ids (``return_token_ids``)."""
+    import aiohttp
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one_stream(i: int) -> tuple[str, Chunks]:
+            request_id, chunks = f"h{salt}-{i}", []
+            body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                    "stream": True, "return_token_ids": True}
+            async with session.post(f"{base_url}/completions", json=body,
+                                    headers={"x-request-id": request_id}) as response:
+                response.raise_for_status()
+                async for line in response.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    payload = line[6:].strip()
+                    if payload == b"[DONE]":
+                        break
+                    tokens = json.loads(payload)["choices"][0]["token_ids"]
+                    chunks.append((time.monotonic(), len(tokens)))
+            return request_id, chunks
+        return await _gather_streams(len(prompts), one_stream)
+
+
+def _client_worker(mode: str, address: str, conn) -> None:
+    """A client process: runs each job it is sent (prompts, max_tokens, salt) and sends back what it received."""
+    streams = _grpc_client_streams if mode == "grpc" else _http_client_streams
+    while (job := conn.recv()) is not None:
+        conn.send(asyncio.run(streams(address, *job)))
     conn.close()
 
 
-def _grpc_streams(target: str, prompts: list[list[int]], max_tokens: int, salt: int) -> tuple[dict[str, Chunks], float]:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_client_process, args=(target, prompts, max_tokens, salt, child), daemon=True)
-    process.start()
-    child.close()
-    try:
-        return parent.recv()
-    finally:
-        process.join(30)
+class _ClientProcess:
+    """The mode's client in a process of its own, started once (its imports take seconds) for every level."""
+
+    def __init__(self, mode: str, server: ServerThread):
+        address = server.target if mode == "grpc" else server.base_url
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_client_worker, args=(mode, address, child), daemon=True)
+        self._process.start()
+        child.close()
+
+    def streams(self, prompts: list[list[int]], max_tokens: int, salt: int) -> tuple[dict[str, Chunks], float]:
+        self._conn.send((prompts, max_tokens, salt))
+        return self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(30)
 
 
 def _mode_result(mode: str, concurrency: int, received: dict[str, Chunks], wall: float,
@@ -187,6 +237,10 @@ def _engine_config(args, levels: list[int]) -> EngineConfig:
 
 def measure(args: argparse.Namespace) -> FrontendResult:
     levels = [int(c) for c in args.concurrency.split(",")]
+    modes = [m.strip() for m in args.modes.split(",")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or "engine" not in modes:
+        raise ValueError(f"--modes: expected engine and any of grpc, http; got {args.modes!r}")
     config = _engine_config(args, levels)
     result = FrontendResult(settings={k: v for k, v in vars(args).items() if k != "func"},
                             machine=asdict(machine_info()))
@@ -199,31 +253,43 @@ def measure(args: argparse.Namespace) -> FrontendResult:
         # First calls pay one-time costs (allocator growth, kernel selection) that no mode should be charged.
         asyncio.run(_engine_streams(engine, _prompts(1, args.prompt_len, vocab, -1), args.max_tokens, -1))
         for salt, concurrency in enumerate(levels):
-            prompts = _prompts(concurrency, args.prompt_len, vocab, 2 * salt)
-            received, wall = asyncio.run(_engine_streams(engine, prompts, args.max_tokens, 2 * salt))
+            prompts = _prompts(concurrency, args.prompt_len, vocab, len(MODES) * salt)
+            received, wall = asyncio.run(_engine_streams(engine, prompts, args.max_tokens, len(MODES) * salt))
             result.results.append(_mode_result("engine", concurrency, received, wall, emits.times))
     finally:
         asyncio.run(engine.shutdown())
 
-    server = ServerThread(ServerOptions(host="127.0.0.1", port=0, metrics_port=None),
-                          ProcessEngineCore(config).wait_ready)
-    emits = _EmitTimes()
-    server.server.async_engine.step_listeners.append(emits)
-    try:
-        _grpc_streams(server.target, _prompts(1, args.prompt_len, vocab, -2), args.max_tokens, -2)
-        for salt, concurrency in enumerate(levels):
-            prompts = _prompts(concurrency, args.prompt_len, vocab, 2 * salt + 1)
-            received, wall = _grpc_streams(server.target, prompts, args.max_tokens, 2 * salt + 1)
-            result.results.append(_mode_result("grpc", concurrency, received, wall, emits.times))
-    finally:
-        server.close()
+    # The protocols take turns on one server, as `glmserve serve` runs them: both listeners over one engine core.
+    protocols = [m for m in MODES[1:] if m in modes]
+    if protocols:
+        server = ServerThread(ServerOptions(host="127.0.0.1", port=0, http_port=0 if "http" in protocols else None,
+                                            metrics_port=None), ProcessEngineCore(config).wait_ready)
+        emits = _EmitTimes()
+        server.server.async_engine.step_listeners.append(emits)
+        try:
+            for offset, mode in enumerate(protocols):
+                client = _ClientProcess(mode, server)
+                try:
+                    client.streams(_prompts(1, args.prompt_len, vocab, -2 - offset), args.max_tokens, -2 - offset)
+                    for salt, concurrency in enumerate(levels):
+                        unique = len(MODES) * salt + 1 + offset   # distinct prompts per mode and level
+                        prompts = _prompts(concurrency, args.prompt_len, vocab, unique)
+                        received, wall = client.streams(prompts, args.max_tokens, unique)
+                        result.results.append(_mode_result(mode, concurrency, received, wall, emits.times))
+                finally:
+                    client.close()
+        finally:
+            server.close()
 
     by_key = {(r.mode, r.concurrency): r for r in result.results}
-    for concurrency in levels:
-        e, g = by_key["engine", concurrency], by_key["grpc", concurrency]
-        result.cost.append(FrontendCost(concurrency, g.chunk_latency_p50_ms - e.chunk_latency_p50_ms,
-                                        g.chunk_latency_p99_ms - e.chunk_latency_p99_ms,
-                                        g.tokens_per_s / e.tokens_per_s if e.tokens_per_s else 0.0))
+    for mode in MODES[1:]:
+        for concurrency in levels:
+            if (mode, concurrency) not in by_key:
+                continue
+            e, f = by_key["engine", concurrency], by_key[mode, concurrency]
+            result.cost.append(FrontendCost(concurrency, f.chunk_latency_p50_ms - e.chunk_latency_p50_ms,
+                                            f.chunk_latency_p99_ms - e.chunk_latency_p99_ms,
+                                            f.tokens_per_s / e.tokens_per_s if e.tokens_per_s else 0.0, mode))
     return result
 
 
