@@ -16,7 +16,9 @@ them): one for the engine mode, one shared by the two protocols, which take turn
   connection per stream), FastAPI/uvicorn and the client's parsing are added.
 
 Each chunk's latency runs from the engine step that produced its last token (the step's timestamp, taken in the
-engine core's process) to the moment the reader received it, on the machine's one monotonic clock. The difference
+engine core's process) to the moment the reader received it, on the machine's one monotonic clock. The CPU time
+of the frontend's process (all its threads) and of the client's, per 1000 streamed tokens, is the cost that
+holds still on a busy machine, where throughput and latency move with whatever else runs. The difference
 between the modes is a frontend's cost, per chunk and in streamed tokens/s; the grpc/engine and http/engine
 throughput ratios are the figures issues 14 and 15 set targets for.
 """
@@ -65,6 +67,11 @@ class ModeResult:
     tokens_per_s: float
     chunk_latency_p50_ms: float
     chunk_latency_p99_ms: float
+    # CPU seconds per 1000 streamed tokens: of this process (the frontend: reading AsyncEngine, and the server with
+    # its protocol, all threads), and of the client's process (None in engine mode). Unlike tokens/s, CPU time
+    # barely moves when other programs compete for the machine.
+    frontend_cpu_ms_per_ktok: float = 0.0
+    client_cpu_ms_per_ktok: float | None = None
 
 
 @dataclass
@@ -84,10 +91,12 @@ class FrontendResult:
     cost: list[FrontendCost] = field(default_factory=list)
 
     def table(self) -> str:
-        lines = [f"{'mode':<7} {'streams':>7} {'tokens/s':>10} {'p50 ms':>8} {'p99 ms':>8}"]
+        lines = [f"{'mode':<7} {'streams':>7} {'tokens/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+                 f"{'frontend CPU ms/ktok':>21} {'client CPU ms/ktok':>19}"]
         for r in self.results:
+            client = "-" if r.client_cpu_ms_per_ktok is None else f"{r.client_cpu_ms_per_ktok:.0f}"
             lines.append(f"{r.mode:<7} {r.concurrency:>7} {r.tokens_per_s:>10.0f} {r.chunk_latency_p50_ms:>8.2f} "
-                         f"{r.chunk_latency_p99_ms:>8.2f}")
+                         f"{r.chunk_latency_p99_ms:>8.2f} {r.frontend_cpu_ms_per_ktok:>21.0f} {client:>19}")
         lines.append("")
         lines.append(f"{'mode':<7} {'streams':>7} {'added p50 ms':>13} {'added p99 ms':>13} {'mode/engine tok/s':>18}")
         for c in self.cost:
@@ -192,10 +201,13 @@ async def _http_client_streams(base_url: str, prompts: list[list[int]], max_toke
 
 
 def _client_worker(mode: str, address: str, conn) -> None:
-    """A client process: runs each job it is sent (prompts, max_tokens, salt) and sends back what it received."""
+    """A client process: runs each job it is sent (prompts, max_tokens, salt) and sends back what it received, the
+    wall time and its own CPU time."""
     streams = _grpc_client_streams if mode == "grpc" else _http_client_streams
     while (job := conn.recv()) is not None:
-        conn.send(asyncio.run(streams(address, *job)))
+        cpu = time.process_time()
+        received, wall = asyncio.run(streams(address, *job))
+        conn.send((received, wall, time.process_time() - cpu))
     conn.close()
 
 
@@ -210,7 +222,9 @@ class _ClientProcess:
         self._process.start()
         child.close()
 
-    def streams(self, prompts: list[list[int]], max_tokens: int, salt: int) -> tuple[dict[str, Chunks], float]:
+    def streams(self, prompts: list[list[int]], max_tokens: int,
+                salt: int) -> tuple[dict[str, Chunks], float, float]:
+        """(what the client received, its wall time, its CPU time)."""
         self._conn.send((prompts, max_tokens, salt))
         return self._conn.recv()
 
@@ -220,11 +234,13 @@ class _ClientProcess:
 
 
 def _mode_result(mode: str, concurrency: int, received: dict[str, Chunks], wall: float,
-                 emitted: dict[str, list[float]]) -> ModeResult:
+                 emitted: dict[str, list[float]], frontend_cpu_s: float, client_cpu_s: float | None) -> ModeResult:
     tokens = sum(count for chunks in received.values() for _, count in chunks)
     latencies = _latencies(emitted, received)
+    per_ktok = 1e6 / tokens if tokens else 0.0
     return ModeResult(mode, concurrency, tokens, wall, tokens / wall if wall else 0.0,
-                      1000 * percentile(latencies, 0.50), 1000 * percentile(latencies, 0.99))
+                      1000 * percentile(latencies, 0.50), 1000 * percentile(latencies, 0.99),
+                      frontend_cpu_s * per_ktok, None if client_cpu_s is None else client_cpu_s * per_ktok)
 
 
 def _engine_config(args, levels: list[int]) -> EngineConfig:
@@ -254,8 +270,10 @@ def measure(args: argparse.Namespace) -> FrontendResult:
         asyncio.run(_engine_streams(engine, _prompts(1, args.prompt_len, vocab, -1), args.max_tokens, -1))
         for salt, concurrency in enumerate(levels):
             prompts = _prompts(concurrency, args.prompt_len, vocab, len(MODES) * salt)
+            cpu = time.process_time()
             received, wall = asyncio.run(_engine_streams(engine, prompts, args.max_tokens, len(MODES) * salt))
-            result.results.append(_mode_result("engine", concurrency, received, wall, emits.times))
+            result.results.append(_mode_result("engine", concurrency, received, wall, emits.times,
+                                               time.process_time() - cpu, None))
     finally:
         asyncio.run(engine.shutdown())
 
@@ -274,8 +292,10 @@ def measure(args: argparse.Namespace) -> FrontendResult:
                     for salt, concurrency in enumerate(levels):
                         unique = len(MODES) * salt + 1 + offset   # distinct prompts per mode and level
                         prompts = _prompts(concurrency, args.prompt_len, vocab, unique)
-                        received, wall = client.streams(prompts, args.max_tokens, unique)
-                        result.results.append(_mode_result(mode, concurrency, received, wall, emits.times))
+                        cpu = time.process_time()
+                        received, wall, client_cpu = client.streams(prompts, args.max_tokens, unique)
+                        result.results.append(_mode_result(mode, concurrency, received, wall, emits.times,
+                                                           time.process_time() - cpu, client_cpu))
                 finally:
                     client.close()
         finally:

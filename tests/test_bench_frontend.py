@@ -19,6 +19,8 @@ def test_frontend_benchmark_runs_every_mode(tmp_path, capsys):
     for r in rows.values():
         assert r["tokens"] == 4 * r["concurrency"]
         assert r["tokens_per_s"] > 0 and 0 <= r["chunk_latency_p50_ms"] <= r["chunk_latency_p99_ms"]
+        assert r["frontend_cpu_ms_per_ktok"] > 0
+        assert (r["client_cpu_ms_per_ktok"] is None) == (r["mode"] == "engine")
     assert [(c["mode"], c["concurrency"]) for c in result["cost"]] == [("grpc", 1), ("grpc", 4), ("http", 1),
                                                                          ("http", 4)]
     assert all(c["throughput_ratio"] > 0 for c in result["cost"])

@@ -58,9 +58,12 @@ def test_miniature_demo_runs_drains_and_exits_zero(tmp_path, capsys):
     out = tmp_path / "results" / "demo.json"   # a folder that does not exist yet: the benchmark makes it
     assert demo.main(["--num-prompts", "16", "--rate", "16", "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for title in ("random @ 16 req/s", "multiturn @ 32 req/s", "random @ 32 req/s", "Chaos: 2 requests"):
+    for title in ("random @ 16 req/s", "random @ 16 req/s (openai)", "multiturn @ 32 req/s", "random @ 32 req/s",
+                  "Chaos: 2 requests"):
         assert title in printed
     assert re.search(r"server exited with code 0: glmserve: drained \d+ in-flight requests, exiting", printed)
     assert printed.count(f"length, {demo.DRAIN_TOKENS} tokens") == demo.DRAIN_STREAMS
+    assert "(http): length" in printed and "(grpc): length" in printed
     runs = json.loads(out.read_text())
-    assert [(r["dataset"], r["completed"]) for r in runs] == [("random", 16), ("multiturn", 8), ("random", 6)]
+    assert [(r["backend"], r["dataset"], r["completed"]) for r in runs] == [
+        ("grpc", "random", 16), ("openai", "random", 8), ("grpc", "multiturn", 8), ("grpc", "random", 6)]

@@ -101,7 +101,8 @@ def _fmt(value, digits: int = 2) -> str:
 def run_table(result: RunResult) -> str:
     m, s = result.metrics, result.server
     rate = "inf" if math.isinf(result.request_rate) else f"{result.request_rate:g}"
-    lines = [f"{' ' + result.dataset + ' @ ' + rate + ' req/s ':=^64}"]
+    over = "" if result.backend == "grpc" else f" ({result.backend})"
+    lines = [f"{' ' + result.dataset + ' @ ' + rate + ' req/s' + over + ' ':=^64}"]
 
     def row(label: str, value) -> None:
         lines.append(f"{label:<44}{_fmt(value):>20}")
