@@ -226,3 +226,14 @@ def test_api_key_and_full_queue(own_queue_server):
     counts = server.metrics_text()
     assert 'glmserve_http_requests_total{route="/v1/completions",status="429"} 1.0' in counts
     assert 'glmserve_http_requests_total{route="/v1/chat/completions",status="401"} 1.0' in counts
+
+
+def test_a_request_id_already_in_flight_is_409(api, client):
+    stream = api.completions.create(model=MODEL, prompt="first", stream=True, extra_headers={"X-Request-Id": "dup"},
+                                    **LONG)
+    next(iter(stream))
+    with pytest.raises(openai.ConflictError) as info:
+        api.completions.create(model=MODEL, prompt="second", max_tokens=2, extra_headers={"X-Request-Id": "dup"})
+    assert error_of(info.value)["code"] == "duplicate_request_id"
+    stream.close()
+    wait_idle(client)
