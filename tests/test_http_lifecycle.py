@@ -103,6 +103,7 @@ def test_http_port_in_use_exits_1(capsys):
     assert f"cannot listen on 127.0.0.1:{port} (HTTP)" in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 def test_sigterm_drains_http_streams_and_exits_0():
     proc = ServeProcess("--drain-timeout", "60")
     try:

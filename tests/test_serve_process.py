@@ -126,7 +126,7 @@ def test_host_defaults_to_loopback_as_server_options_define_it(monkeypatch, caps
     """One default for the listen address: ServerOptions' 127.0.0.1, which `serve` takes when --host is absent and
     states in --help (the image and the Kubernetes manifests pass --host 0.0.0.0 themselves)."""
     from glmserve.engine.entrypoints.cli import serve as serve_command
-    from glmserve.engine.entrypoints.grpc.server import ServerOptions
+    from glmserve.engine.entrypoints.server_options import ServerOptions
     started = []
 
     async def record(config, options):

@@ -11,12 +11,11 @@ runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from glmserve.bench.serve.chaos import Chaos
-    from glmserve.bench.serve.client import RequestRecord
-    from glmserve.bench.serve.datasets import BenchPrompt
+from glmserve.bench.serve.chaos_plan import Chaos
+from glmserve.bench.serve.client import RequestRecord
+from glmserve.bench.serve.datasets import BenchPrompt
 
 BACKENDS = ("grpc", "openai", "openai-chat")
 SERVING = "SERVING"
@@ -68,11 +67,3 @@ class Backend(Protocol):
         """None when this backend cannot see the server's load."""
 
     async def close(self) -> None: ...
-
-
-def backend_of(target) -> Backend:
-    """A backend as it is, or a gRPC client (``AsyncGenerationClient``) as the gRPC backend."""
-    if hasattr(target, "send"):
-        return target
-    from glmserve.bench.serve.grpc_backend import GrpcBackend
-    return GrpcBackend(target)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from glmserve.bench.serve.chaos import CHAOS_OUTPUT_LEN, Chaos
+from glmserve.bench.serve.chaos_plan import CHAOS_OUTPUT_LEN, Chaos
 from glmserve.bench.serve.datasets import BenchPrompt
 
 OK = "OK"

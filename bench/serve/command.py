@@ -25,10 +25,12 @@ import sys
 from dataclasses import dataclass, field
 
 from glmserve.bench.serve.arrivals import arrival_offsets, parse_rates
-from glmserve.bench.serve.backend import BACKENDS, Backend, BenchError, ServedModel, backend_of
-from glmserve.bench.serve.chaos import ChaosReport, check_idle, plan_chaos, status_counts
+from glmserve.bench.serve.backend import BACKENDS, Backend, BenchError, ServedModel
+from glmserve.bench.serve.chaos import ChaosReport, check_idle
+from glmserve.bench.serve.chaos_plan import plan_chaos, status_counts
 from glmserve.bench.serve.datasets import (SHAREGPT_SAMPLE, BenchPrompt, IntRange, load_sharegpt, multiturn_prompts,
                              random_prompts, sharegpt_prompts)
+from glmserve.bench.serve.grpc_backend import GrpcBackend, as_backend
 from glmserve.bench.serve.metrics import compute_metrics, parse_slo
 from glmserve.bench.serve.report import RunResult, csv_text, result_json, run_table, sweep_table
 from glmserve.bench.serve.runner import Planned, run_plan
@@ -205,9 +207,8 @@ def _check(config: BenchConfig) -> None:
 
 def connect(config: BenchConfig) -> Backend:
     if config.backend == "grpc":
-        from glmserve.bench.serve.grpc_backend import GrpcBackend
         return GrpcBackend.connect(config.target, config.api_key)
-    from glmserve.bench.serve.openai_backend import OpenAIBackend
+    from glmserve.bench.serve.openai_backend import OpenAIBackend   # aiohttp only where it is used
     return OpenAIBackend(config.base_url, chat=config.backend == "openai-chat", api_key=config.api_key,
                          model=config.model, metrics_url=config.metrics_url, vocab_size=config.vocab_size)
 
@@ -237,7 +238,7 @@ async def benchmark(config: BenchConfig) -> list[RunResult]:
 async def build_prompts(backend: Backend, config: BenchConfig, info: ServedModel,
                         seed: int) -> list[BenchPrompt]:
     """``backend``: a backend, or a gRPC client."""
-    backend = backend_of(backend)
+    backend = as_backend(backend)
     if config.dataset == "random":
         if info.vocab_size is None:
             raise BenchError("the random dataset draws token ids from the model's vocabulary, and the server does "

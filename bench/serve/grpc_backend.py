@@ -9,7 +9,7 @@ import grpc
 from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
 
 from glmserve.bench.serve.backend import BenchError, Load, ServedModel
-from glmserve.bench.serve.chaos import Chaos
+from glmserve.bench.serve.chaos_plan import Chaos
 from glmserve.bench.serve.client import CANCELLED, RequestRecord, messages_for, sampling_for
 from glmserve.bench.serve.datasets import BenchPrompt
 
@@ -89,3 +89,8 @@ class GrpcBackend:
         record.end = time.perf_counter()
         record.reply = "".join(text)
         return record
+
+
+def as_backend(target) -> "GrpcBackend":
+    """A backend as it is, or a gRPC client (``AsyncGenerationClient``) as the gRPC backend."""
+    return target if hasattr(target, "send") else GrpcBackend(target)

@@ -24,7 +24,7 @@ import time
 import aiohttp
 
 from glmserve.bench.serve.backend import SERVING, BenchError, Load, ServedModel
-from glmserve.bench.serve.chaos import Chaos
+from glmserve.bench.serve.chaos_plan import Chaos
 from glmserve.bench.serve.client import (CANCELLED, DEADLINE_EXCEEDED, OK, RequestRecord, messages_for,
                                          sampling_for)
 from glmserve.bench.serve.datasets import BenchPrompt

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from glmserve.bench.serve.backend import Backend, backend_of
-from glmserve.bench.serve.chaos import Chaos
+from glmserve.bench.serve.backend import Backend
+from glmserve.bench.serve.chaos_plan import Chaos
 from glmserve.bench.serve.client import RequestRecord
 from glmserve.bench.serve.datasets import BenchPrompt
+from glmserve.bench.serve.grpc_backend import as_backend
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ async def run_plan(backend: Backend, plan: list[Planned], *, temperature: float,
                    max_concurrency: int | None, progress: bool = False, label: str = "",
                    structured: dict | None = None) -> RunRecords:
     """``backend``: a backend, or a gRPC client (the gRPC backend)."""
-    backend = backend_of(backend)
+    backend = as_backend(backend)
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     records: list[RequestRecord | None] = [None] * len(plan)
     run_id = uuid.uuid4().hex[:8]   # request ids must be unique among in-flight requests, across harnesses too

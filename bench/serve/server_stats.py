@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from glmserve.bench.serve.backend import Backend, Load, backend_of
+from glmserve.bench.serve.backend import Backend, Load
 
 # Sample names on the /metrics page (counters carry the _total suffix).
 KV_USAGE = "glmserve_kv_cache_usage_ratio"
@@ -108,9 +108,8 @@ def figures(peaks: Peaks, before: Counters | None, after: Counters | None) -> Se
 
 async def poll_peaks(backend: Backend, peaks: Peaks, interval: float | None = None) -> None:
     """Fold load samples (GetLoad, or the metrics page) into ``peaks`` until cancelled. ``backend``: a backend,
-    or a gRPC client."""
-    backend = backend_of(backend)
-    interval = backend.poll_interval_s if interval is None else interval
+    or a gRPC client (whose load call is the same)."""
+    interval = getattr(backend, "poll_interval_s", 0.05) if interval is None else interval
     while True:
         try:
             load = await backend.load()
