@@ -534,10 +534,14 @@ def setup_requirements() -> tuple[list[str], dict[str, list[str]]]:
     tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup")
     keywords = {k.arg: k.value for k in call.keywords}
-    grpc_deps = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "GRPC")
-    install = keywords["install_requires"]
-    listed = install.left if isinstance(install, ast.BinOp) else install    # [...] + GRPC
-    return ast.literal_eval(listed) + ast.literal_eval(grpc_deps), ast.literal_eval(keywords["extras_require"])
+    named = {n.targets[0].id: n.value for n in tree.body
+             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+
+    def requirements(node: ast.expr) -> list[str]:   # [...] + GRPC + HTTP: lists and names of lists, added
+        if isinstance(node, ast.BinOp):
+            return requirements(node.left) + requirements(node.right)
+        return ast.literal_eval(named[node.id] if isinstance(node, ast.Name) else node)
+    return requirements(keywords["install_requires"]), ast.literal_eval(keywords["extras_require"])
 
 
 def requirement_name(requirement: str) -> str:
