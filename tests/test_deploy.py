@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 OVERLAYS = {"cpu-demo": "glmserve-demo", "gpu": "glmserve"}    # overlay -> namespace
-GRPC_PORT, METRICS_PORT = 50051, 9090
+GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8000, 9090
 CACHE_ENV = ("HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx")
 # The newest schemas kubernetes-validate bundles, and the oldest release deploy/README.md supports.
@@ -252,7 +252,7 @@ def test_selectors_reach_the_server_pods(overlay):
 def test_services_expose_named_ports_and_one_is_headless(overlay):
     _, objects = overlay
     container_ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
-    assert container_ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert container_ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT}
     services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
     assert services["glmserve-headless"]["spec"]["clusterIP"] == "None"
     assert services["glmserve"]["spec"].get("type", "ClusterIP") == "ClusterIP"
@@ -284,6 +284,7 @@ def test_container_ports_and_probes_match_the_server_flags(overlay):
     args, container = server_args(objects), server_container(objects)
     assert flag(args, "--host") == "0.0.0.0"
     assert int(flag(args, "--port")) == GRPC_PORT and int(flag(args, "--metrics-port")) == METRICS_PORT
+    assert int(flag(args, "--http-port")) == HTTP_PORT
     for kind, probe in probes(container).items():
         assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, f"{kind} is a native gRPC probe"
         assert probe["grpc"]["port"] == GRPC_PORT, kind
@@ -447,6 +448,133 @@ def test_hpa_metrics_are_gauges_the_server_exports(overlay):
         assert exported.get(metric) == "gauge", f"the server exports no gauge {metric} (it has {sorted(exported)})"
 
 
+# ---- behind an inference gateway (components/gateway, overlays/gateway) -----------------------------------------
+# The InferencePool CRD (Gateway API Inference Extension, GA v1) for offline validation: in $GLMSERVE_K8S_SCHEMAS
+# (a folder), else ../shared/k8s beside the repository (see its README there).
+INFERENCE_POOL_CRD = (Path(os.environ.get("GLMSERVE_K8S_SCHEMAS") or REPO.parent / "shared" / "k8s")
+                      / "inference.networking.k8s.io_inferencepools.yaml")
+GATEWAY_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service", "ServiceMonitor",
+                 "PodDisruptionBudget", "HorizontalPodAutoscaler", "InferencePool"}
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    return render(K8S / "overlays" / "gateway")
+
+
+def inference_pool_schema() -> dict:
+    if not INFERENCE_POOL_CRD.is_file():
+        pytest.skip(f"the InferencePool CRD is not at {INFERENCE_POOL_CRD} ($GLMSERVE_K8S_SCHEMAS, else ../shared/k8s "
+                    "beside the repository): the pool cannot be validated against its schema offline")
+    crd = yaml.safe_load(INFERENCE_POOL_CRD.read_text(encoding="utf-8"))
+    assert crd["spec"]["group"] == "inference.networking.k8s.io" and crd["spec"]["names"]["kind"] == "InferencePool"
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert version["served"] and version["storage"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def validate_inference_pool(pool: dict) -> None:
+    """The CRD's OpenAPI schema, then the two CEL rules it carries (jsonschema does not run CEL)."""
+    import jsonschema
+    jsonschema.validate(pool, inference_pool_schema())
+    numbers = [p["number"] for p in pool["spec"]["targetPorts"]]
+    assert len(numbers) == len(set(numbers)), "port number must be unique"
+    picker = pool["spec"].get("endpointPickerRef")
+    if picker is not None and picker.get("kind", "Service") == "Service":
+        assert "port" in picker, "port is required when kind is 'Service' or unspecified"
+
+
+def test_inference_pool_is_valid_against_its_crd(gateway):
+    import jsonschema
+    pool = find(gateway, "InferencePool", "glmserve")
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    validate_inference_pool(pool)
+    # The schema is not a rubber stamp: a pool without target ports, or with a picker port out of range, fails.
+    broken = json.loads(json.dumps(pool))
+    del broken["spec"]["targetPorts"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_inference_pool(broken)
+    broken = json.loads(json.dumps(pool))
+    broken["spec"]["endpointPickerRef"]["port"]["number"] = 70000
+    with pytest.raises(jsonschema.ValidationError):
+        validate_inference_pool(broken)
+
+
+def test_gateway_overlay_objects_are_valid_kubernetes(gateway):
+    validate_all([o for o in gateway if o["kind"] != "InferencePool"])
+    assert {o["kind"] for o in gateway} == GATEWAY_KINDS
+    assert {o["metadata"]["namespace"] for o in gateway} == {OVERLAYS["cpu-demo"]}
+    binding = find(gateway, "RoleBinding", "glmserve-epp")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "glmserve-epp",
+                                    "namespace": OVERLAYS["cpu-demo"]}]
+    assert find(gateway, "Role", binding["roleRef"]["name"])
+
+
+def test_pool_selects_the_server_pods_on_their_http_port(gateway):
+    pool = find(gateway, "InferencePool", "glmserve")["spec"]
+    server = find(gateway, "Deployment", "glmserve")
+    pod_labels = server["spec"]["template"]["metadata"]["labels"]
+    assert selects(pool["selector"], pod_labels)
+    epp_labels = find(gateway, "Deployment", "glmserve-epp")["spec"]["template"]["metadata"]["labels"]
+    assert not selects(pool["selector"], epp_labels), "the picker is not a model server"
+    container_ports = {p["name"]: p["containerPort"] for p in server_container(gateway)["ports"]}
+    assert [p["number"] for p in pool["targetPorts"]] == [container_ports["http"]]
+    assert int(flag(server_args(gateway), "--http-port")) == container_ports["http"] == HTTP_PORT
+    assert pool.get("appProtocol", "http") == "http"   # uvicorn serves HTTP/1.1
+    # The picker the pool names: a Service on the port the pool gives, reaching the picker's gRPC port.
+    picker = pool["endpointPickerRef"]
+    service = find(gateway, "Service", picker["name"])
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == picker["port"]["number"]]
+    epp = find(gateway, "Deployment", "glmserve-epp")["spec"]["template"]["spec"]["containers"][0]
+    epp_ports = {p["name"]: p["containerPort"] for p in epp["ports"]}
+    assert selects({"matchLabels": service["spec"]["selector"]}, epp_labels)
+    assert epp_ports[port["targetPort"]] == int(flag(epp["args"], "--grpc-port"))
+
+
+def epp_flags(objects) -> dict[str, str]:
+    container = find(objects, "Deployment", "glmserve-epp")["spec"]["template"]["spec"]["containers"][0]
+    return {arg[2:].split("=", 1)[0]: arg.split("=", 1)[1] for arg in container["args"]}
+
+
+def test_endpoint_picker_reads_glmserve_metrics(gateway):
+    """The picker's metric flags name what glmserve exports, with the types the model-server protocol asks for:
+    gauges for the queue, the running requests and the KV-cache usage, an info metric whose labels carry the block
+    size and number of KV blocks; it scrapes the server's metrics port, and picks for this pool."""
+    flags = epp_flags(gateway)
+    exported = exported_metrics()
+    for name in ("total-queued-requests-metric", "total-running-requests-metric",
+                 "kv-cache-usage-percentage-metric"):
+        assert exported.get(flags[name]) == "gauge", f"--{name}={flags[name]} is not a gauge glmserve exports"
+    assert flags["lora-info-metric"] == "", "glmserve serves no LoRA adapters: the picker must not expect their metric"
+    assert int(flags["model-server-metrics-port"]) == int(flag(server_args(gateway), "--metrics-port"))
+    assert flags["model-server-metrics-path"] == "/metrics"
+    assert flags["pool-name"] == find(gateway, "InferencePool")["metadata"]["name"]
+    # The cache info: the exposition's sample name, with the protocol's labels.
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import generate_latest
+    from glmserve.engine.entrypoints.metrics import ServerMetrics
+    from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
+    metrics = ServerMetrics()
+    metrics.describe_engine(EngineInfo("m", "t", 4096, 2009, 16, 1024, "float32", "cpu", True),
+                            EngineStats(1024, 1024, 0, 0, 0, 0, 0, 0.0))
+    samples = {s.name: s for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+               for s in f.samples}
+    info = samples[flags["cache-info-metric"]]
+    assert info.value == 1.0 and (info.labels["block_size"], info.labels["num_gpu_blocks"]) == ("16", "1024")
+
+
+def test_server_readiness_goes_through_the_http_listener(gateway):
+    container = server_container(gateway)
+    ready = container["readinessProbe"]
+    assert set(ready) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"httpGet"}
+    assert ready["httpGet"]["path"] == "/health" and ready["httpGet"]["port"] == HTTP_PORT
+    # Startup and liveness stay the base's gRPC probes; the grace period still covers the drain.
+    assert container["startupProbe"]["grpc"]["port"] == container["livenessProbe"]["grpc"]["port"] == GRPC_PORT
+    parse_serve_args(server_args(gateway))
+    from glmserve.engine.entrypoints.http.observer import OPEN_ROUTES
+    assert ready["httpGet"]["path"] in OPEN_ROUTES, "probes carry no API key"
+
+
 # ---- the Dockerfile --------------------------------------------------------------------------------------------
 def dockerfile_instructions(path: Path = DEPLOY / "Dockerfile") -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs: comments dropped, backslash continuations joined."""
@@ -502,7 +630,7 @@ def test_dockerfile_runs_glmserve_serve_as_non_root():
     assert re.fullmatch(r"\d+(:\d+)?", user), "a numeric USER, so that runAsNonRoot can verify it"
     assert int(user.split(":")[0]) != 0
     exposed = {int(p.split("/")[0]) for rest in stage_values(stage, "EXPOSE") for p in rest.split()}
-    assert {GRPC_PORT, METRICS_PORT} <= exposed
+    assert {GRPC_PORT, HTTP_PORT, METRICS_PORT} <= exposed
 
 
 def test_dockerfile_default_cmd_is_a_valid_serve_command():
@@ -510,6 +638,7 @@ def test_dockerfile_default_cmd_is_a_valid_serve_command():
     assert flag(cmd, "--model") == "glm-tiny", "the image serves the embedded model without a volume"
     assert flag(cmd, "--host") == "0.0.0.0", "the server's own default is loopback: a container must say 0.0.0.0"
     assert int(flag(cmd, "--port")) == GRPC_PORT and int(flag(cmd, "--metrics-port")) == METRICS_PORT
+    assert int(flag(cmd, "--http-port")) == HTTP_PORT
     parse_serve_args(cmd)
 
 
@@ -611,7 +740,7 @@ def test_image_check_runs_the_container_as_the_manifests_do():
         assert env[var] == container_env(objects, container)[var]
     assert env["OMP_NUM_THREADS"] == limits["cpu"] and "GLMSERVE_API_KEY" not in env
     published = [value for flag, value in pairs if flag == "--publish"]
-    assert sorted(published) == sorted(f"127.0.0.1::{p}" for p in (GRPC_PORT, METRICS_PORT))
+    assert sorted(published) == sorted(f"127.0.0.1::{p}" for p in (GRPC_PORT, HTTP_PORT, METRICS_PORT))
     assert pod_to_docker.parse_quantity("500m") == 0.5 and pod_to_docker.parse_quantity("2Gi") == 2 * 2 ** 30
 
 
