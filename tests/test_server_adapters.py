@@ -215,3 +215,21 @@ def test_adapter_errors_and_answers_cross_the_process_boundary():
     event = pickle.loads(pickle.dumps(AdapterCallDone(3, info, None, (info,), 5, None)))
     assert event.info == info and event.adapters == (info,)
     assert pickle.loads(pickle.dumps(LoadAdapter(1, "a", "/x", AdapterKind.PTUNING))).kind is AdapterKind.PTUNING
+
+
+def test_http_model_field_names_a_fine_tune(server, client, expected):
+    """Over the OpenAI-compatible HTTP API a loaded adapter is a model: listed by /v1/models (with the served model
+    as its parent) and run when a request names it, as the inference gateways' model-server protocol asks."""
+    import openai
+    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60) as api:
+        models = {m.id: m for m in api.models.list().data}
+        assert {"glm-tiny", "lora-a", "pt-a"} <= set(models)
+        assert models["lora-a"].model_extra["parent"] == "glm-tiny"
+        for adapter in (None, "lora-a", "pt-a"):
+            reply = api.completions.create(model=adapter or "glm-tiny", prompt=PROMPT, max_tokens=6, temperature=0.0,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True})
+            assert reply.model == (adapter or "glm-tiny")
+            assert reply.choices[0].model_extra["token_ids"] == expected[adapter], adapter
+        with pytest.raises(openai.NotFoundError) as info:
+            api.completions.create(model="lora-missing", prompt=PROMPT, max_tokens=2)
+        assert "lora-a" in info.value.body["message"]

@@ -114,7 +114,7 @@ class ChatCall:
 
 
 def chat_call(body: ChatCompletionRequest, state: ServingState, request_id: str, model: str,
-              token_text: TokenText) -> ChatCall:
+              token_text: TokenText, adapter: str | None = None) -> ChatCall:
     """Everything checked that can be checked before the engine sees the request."""
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise bad_request("response_format", "response_format: only {'type': 'text'} is supported")
@@ -132,7 +132,7 @@ def chat_call(body: ChatCompletionRequest, state: ServingState, request_id: str,
     except ChatFormatError as exc:
         raise bad_request("messages", f"messages: {exc}") from None
     generation = Generation(state.engine, [EnginePrompt(request_id, prompt, "messages")], params,
-                            body.priority or 0, finish=chat.finish)
+                            body.priority or 0, adapter, finish=chat.finish)
     return ChatCall(generation, f"chatcmpl-{request_id}", model, token_text, logprobs, include_usage(body),
                     bool(body.return_token_ids),
                     [ReplyGate() for _ in range(params.n)] if tools is not None else None)

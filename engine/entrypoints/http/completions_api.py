@@ -69,7 +69,7 @@ class CompletionCall:
 
 
 def completion_call(body: CompletionRequest, state: ServingState, request_id: str, model: str,
-                    token_text: TokenText) -> CompletionCall:
+                    token_text: TokenText, adapter: str | None = None) -> CompletionCall:
     if body.echo:
         raise bad_request("echo", "echo: returning the prompt with the completion is not supported")
     if body.suffix is not None:
@@ -80,7 +80,7 @@ def completion_call(body: CompletionRequest, state: ServingState, request_id: st
     prompts = prompt_token_ids(body.prompt, state.engine.tokenizer)
     engine_prompts = [EnginePrompt(request_id if len(prompts) == 1 else f"{request_id}-{i}", ids, name)
                       for i, (name, ids) in enumerate(prompts)]
-    generation = Generation(state.engine, engine_prompts, params, body.priority or 0)
+    generation = Generation(state.engine, engine_prompts, params, body.priority or 0, adapter)
     return CompletionCall(generation, f"cmpl-{request_id}", model, token_text, body.logprobs is not None,
                           include_usage(body), bool(body.return_token_ids))
 

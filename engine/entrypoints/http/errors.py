@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from glmserve.engine.core.adapters import UnknownAdapterError
 from glmserve.engine.core.errors import (DuplicateRequestError, EngineDeadError, EngineStepError, QueueFullError,
                                          RequestError)
 from glmserve.engine.core.sampling_params import SamplingParamsError
@@ -60,6 +61,8 @@ def error_for(exc: BaseException, field_names: dict[str, str] | None = None) -> 
         return ApiError(400, message, param)
     if isinstance(exc, (ChatFormatError, TokenizerError)):
         return ApiError(400, str(exc), names.get("messages"))
+    if isinstance(exc, UnknownAdapterError):   # a fine-tune unloaded between the model check and the submit
+        return ApiError(404, str(exc), "model", code="model_not_found")
     if isinstance(exc, DuplicateRequestError):
         return ApiError(409, str(exc), None, INVALID_REQUEST, "duplicate_request_id")
     if isinstance(exc, QueueFullError):

@@ -52,6 +52,7 @@ class Generation:
     prompts: list[EnginePrompt]
     params: SamplingParams
     priority: int = 0
+    adapter: str | None = None          # a loaded fine-tune (the request's `model`); None: the base model
     # Called on each finished sample before it is handed out (a chat reads its tool call here).
     finish: Callable[[CompletionOutput, str], object] | None = None
     _streams: list[RequestStream] = field(default_factory=list)
@@ -67,7 +68,7 @@ class Generation:
         for prompt in self.prompts:
             try:
                 stream = await self.engine.generate(prompt.request_id, prompt.token_ids, self.params,
-                                                    priority=self.priority)
+                                                    priority=self.priority, adapter=self.adapter)
             except BaseException as exc:
                 await self.close()
                 if getattr(exc, "field", None) in ("prompt", "prompt_token_ids"):

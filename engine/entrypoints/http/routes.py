@@ -67,12 +67,18 @@ class Routes:
     def model_name(self) -> str:
         return self._served_model_name or self.state.ready().info.model_name
 
-    def check_model(self, model: str | None) -> str:
+    def check_model(self, model: str | None) -> tuple[str, str | None]:
+        """(the model the response names, the fine-tune to run or None): the served model, or a loaded adapter by
+        its name (as the inference gateways' model-server protocol asks of a server that serves adapters)."""
         name = self.model_name
-        if model is not None and model != name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {name!r}", "model",
-                           code="model_not_found")
-        return name
+        if model is None or model == name:
+            return name, None
+        adapters = self.state.ready().adapters
+        if model in adapters:
+            return model, model
+        served = ", ".join(repr(n) for n in [name, *adapters])
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {served}", "model",
+                       code="model_not_found")
 
     @property
     def token_text(self) -> TokenText:
@@ -80,10 +86,14 @@ class Routes:
             self._token_text = TokenText(self.state.ready().tokenizer)
         return self._token_text
 
-    def _model_card(self) -> dict:
-        info = self.state.ready().info
-        return {"id": self.model_name, "object": "model", "created": self._created, "owned_by": "glmserve",
-                "root": info.model_name, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
+    def _model_cards(self) -> list[dict]:
+        """The served model, then each loaded fine-tune (``parent``: the served model)."""
+        engine = self.state.ready()
+        info = engine.info
+        base = {"id": self.model_name, "object": "model", "created": self._created, "owned_by": "glmserve",
+                "root": info.model_name, "parent": None, "max_model_len": info.max_model_len,
+                "vocab_size": info.vocab_size}
+        return [base] + [{**base, "id": name, "parent": self.model_name} for name in engine.adapters]
 
     # ---- routes -------------------------------------------------------------------------------------------------
     async def health(self) -> Response:
@@ -96,25 +106,27 @@ class Routes:
 
     async def models(self) -> Response:
         try:
-            return json_response({"object": "list", "data": [self._model_card()]})
+            return json_response({"object": "list", "data": self._model_cards()})
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
             return error_response(error_for(exc))
 
     async def model(self, model_id: str) -> Response:
         try:
-            self.check_model(model_id)
-            return json_response(self._model_card())
+            name, _ = self.check_model(model_id)
+            return json_response(next(card for card in self._model_cards() if card["id"] == name))
         except Exception as exc:  # noqa: BLE001
             return error_response(error_for(exc))
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._generate(request, bool(body.stream), chat_api.field_names(body), lambda rid, model: (
-            chat_api.chat_call(body, self.state, rid, model, self.token_text)), body.model,
+        return await self._generate(request, bool(body.stream), chat_api.field_names(body),
+                                    lambda rid, model, adapter: chat_api.chat_call(
+                                        body, self.state, rid, model, self.token_text, adapter), body.model,
             chat_api.complete, chat_api.stream)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._generate(request, bool(body.stream), {"prompt_token_ids": "prompt"}, lambda rid, model: (
-            completions_api.completion_call(body, self.state, rid, model, self.token_text)), body.model,
+        return await self._generate(request, bool(body.stream), {"prompt_token_ids": "prompt"},
+                                    lambda rid, model, adapter: completions_api.completion_call(
+                                        body, self.state, rid, model, self.token_text, adapter), body.model,
             completions_api.complete, completions_api.stream)
 
     async def tokenize(self, body: TokenizeRequest) -> Response:
@@ -143,7 +155,7 @@ class Routes:
             self.state.ready(new_work=True)
             request_id = _request_id(request)
             headers[REQUEST_ID_HEADER] = request_id
-            call = make_call(request_id, self.check_model(model))
+            call = make_call(request_id, *self.check_model(model))
             await call.generation.start()
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
             return error_response(error_for(exc, field_names), headers)
