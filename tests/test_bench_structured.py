@@ -65,22 +65,22 @@ def test_parse_structured(tmp_path):
 def test_serve_bench_sends_structured_requests(shared_server, tmp_path):
     """Every request is constrained; the run completes and each streamed reply (kept in the harness's record of
     the request) follows the regex."""
-    from glmserve.bench.serve import runner
+    from glmserve.bench.serve.grpc_backend import GrpcBackend
     replies = []
-    original = runner.send
+    original = GrpcBackend.send
 
     async def recording_send(*args, **kwargs):
         record = await original(*args, **kwargs)
         replies.append(record.reply)
         return record
-    runner.send = recording_send
+    GrpcBackend.send = recording_send
     try:
         config = BenchConfig(target=shared_server.target, num_prompts=8, input_len=IntRange(8, 16),
                              output_len=IntRange(24, 24), temperature=1.0, progress=False,
                              structured=parse_structured(r"regex:[a-z]{2,5}-\d{3}"))
         (result,) = asyncio.run(benchmark(config))
     finally:
-        runner.send = original
+        GrpcBackend.send = original
     data = result_json(result)
     assert (data["completed"], data["failed"]) == (8, 0)
     assert len(replies) == 8 and all(re.fullmatch(r"[a-z]{2,5}-\d{3}", r) for r in replies), replies

@@ -238,9 +238,3 @@ def test_a_request_id_already_in_flight_is_409(api, client):
     stream.close()
     wait_idle(client)
 
-
-def test_a_body_over_the_message_limit_is_413(shared_server):
-    limit = shared_server.server.options.max_message_bytes
-    status, body = http_json(f"http://127.0.0.1:{shared_server.server.http_port}/v1/completions",
-                             {"model": MODEL, "prompt": "x" * (limit + 1)})
-    assert status == 413 and body["error"]["code"] == "request_too_large" and str(limit) in body["error"]["message"]

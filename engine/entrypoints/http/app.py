@@ -19,12 +19,12 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def build_app(state: ServingState, metrics: ServerMetrics, api_key: str | None,
-              served_model_name: str | None = None, max_body_bytes: int | None = None) -> ASGIApp:
+              served_model_name: str | None = None) -> ASGIApp:
     api = FastAPI(title="glmserve", docs_url=None, redoc_url=None, openapi_url=None)
     api.include_router(Routes(state, served_model_name).router())
     api.add_exception_handler(RequestValidationError, _invalid_body)
     api.add_exception_handler(HTTPException, _http_error)
-    return CallObserver(api, state, metrics, api_key, max_body_bytes)
+    return CallObserver(api, state, metrics, api_key)
 
 
 async def _invalid_body(request: Request, exc: RequestValidationError):

@@ -8,8 +8,6 @@ the generation calls a drain waits for.
   response is complete is counted with status ``499`` (nginx's "client closed request"), whatever was sent.
 - Calls to the generation routes count as in flight (``ServingState``) until their last byte is sent, streamed
   responses included, so a drain waits for them.
-- A body whose Content-Length is over the server's ``--max-message-bytes`` (the gRPC API's limit too) gets 413
-  before it is read.
 """
 from __future__ import annotations
 
@@ -38,13 +36,11 @@ def route_label(path: str) -> str:
 
 
 class CallObserver:
-    def __init__(self, app: ASGIApp, state: ServingState, metrics: ServerMetrics, api_key: str | None,
-                 max_body_bytes: int | None = None):
+    def __init__(self, app: ASGIApp, state: ServingState, metrics: ServerMetrics, api_key: str | None):
         self._app = app
         self._state = state
         self._metrics = metrics
         self._expected = f"Bearer {api_key}".encode() if api_key else None
-        self._max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,24 +73,12 @@ class CallObserver:
             if self._expected is not None and path not in OPEN_ROUTES and not self._authorized(scope):
                 await _send_json(observed_send, 401, error_body(API_KEY_MESSAGE, "invalid_request_error", None,
                                                                 "invalid_api_key"))
-            elif self._too_large(scope):
-                await _send_json(observed_send, 413, error_body(
-                    f"the request body is larger than the server's limit of {self._max_body_bytes} bytes "
-                    "(--max-message-bytes)", "invalid_request_error", None, "request_too_large"))
             else:
                 await self._app(scope, observed_receive, observed_send)
         finally:
             if tracked:
                 self._state.leave()
             self._metrics.http_request(route, CLIENT_CLOSED if disconnected and not complete else status)
-
-    def _too_large(self, scope: Scope) -> bool:
-        if self._max_body_bytes is None:
-            return False
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                return value.isdigit() and int(value) > self._max_body_bytes
-        return False
 
     def _authorized(self, scope: Scope) -> bool:
         for key, value in scope["headers"]:
