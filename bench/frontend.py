@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -47,11 +49,15 @@ from glmserve.engine.runtime.messages import StepDone
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="glm-tiny", help="a preset (dummy weights) or a checkpoint directory")
     parser.add_argument("--concurrency", default="1,64,256", help="comma-separated numbers of concurrent streams")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per stream (eos ignored)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per stream (eos ignored)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every level and mode, taking turns; medians are reported")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--modes", default="engine,grpc,http",
                         help="comma-separated modes to run (engine is the baseline the others are compared with)")
     parser.add_argument("--attention-backend", default="auto", help="of the engine core (default: as serve runs)")
+    parser.add_argument("--stream-interval-ms", type=float, default=ServerOptions.stream_interval_ms,
+                        help="the streams' message interval, in every mode (default: serve's, %(default)s)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
 
 
@@ -79,8 +85,9 @@ class FrontendCost:
     concurrency: int
     added_p50_ms: float       # the frontend's chunk latency minus the engine's
     added_p99_ms: float
-    throughput_ratio: float   # the frontend's tokens/s over the engine's
+    throughput_ratio: float   # median over the rounds of the frontend's tokens/s over the engine's (same round)
     mode: str = "grpc"
+    round_ratios: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -257,60 +264,78 @@ def measure(args: argparse.Namespace) -> FrontendResult:
     unknown = [m for m in modes if m not in MODES]
     if unknown or "engine" not in modes:
         raise ValueError(f"--modes: expected engine and any of grpc, http; got {args.modes!r}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     config = _engine_config(args, levels)
     result = FrontendResult(settings={k: v for k, v in vars(args).items() if k != "func"},
                             machine=asdict(machine_info()))
+    interval = args.stream_interval_ms / 1000
+    protocols = [m for m in MODES[1:] if m in modes]
 
-    engine = AsyncEngine(ProcessEngineCore(config).wait_ready())
-    emits = _EmitTimes()
-    engine.step_listeners.append(emits)
-    vocab = engine.info.vocab_size
+    # Two engine cores on the same config: one read in this process (the engine mode), one behind the server both
+    # protocols share, as `glmserve serve` runs them. An idle engine core sleeps on its pipe, so the modes can take
+    # turns within each round: a machine whose speed drifts then shifts every mode alike.
+    engine = AsyncEngine(ProcessEngineCore(config).wait_ready(), stream_interval=interval)
+    engine_emits = _EmitTimes()
+    engine.step_listeners.append(engine_emits)
+    server = clients = None
     try:
-        # First calls pay one-time costs (allocator growth, kernel selection) that no mode should be charged.
-        asyncio.run(_engine_streams(engine, _prompts(1, args.prompt_len, vocab, -1), args.max_tokens, -1))
-        for salt, concurrency in enumerate(levels):
-            prompts = _prompts(concurrency, args.prompt_len, vocab, len(MODES) * salt)
+        if protocols:
+            server = ServerThread(ServerOptions(host="127.0.0.1", port=0, http_port=0 if "http" in protocols else None,
+                                                metrics_port=None, stream_interval_ms=args.stream_interval_ms),
+                                  ProcessEngineCore(config).wait_ready)
+            server_emits = _EmitTimes()
+            server.server.async_engine.step_listeners.append(server_emits)
+            clients = {mode: _ClientProcess(mode, server) for mode in protocols}
+        vocab = engine.info.vocab_size
+        salts = itertools.count()
+
+        def run_mode(mode: str, concurrency: int) -> ModeResult:
+            salt = next(salts)               # distinct prompts for every run: no prefix-cache hits between runs
+            prompts = _prompts(concurrency, args.prompt_len, vocab, salt)
             cpu = time.process_time()
-            received, wall = asyncio.run(_engine_streams(engine, prompts, args.max_tokens, len(MODES) * salt))
-            result.results.append(_mode_result("engine", concurrency, received, wall, emits.times,
-                                               time.process_time() - cpu, None))
+            if mode == "engine":
+                received, wall = asyncio.run(_engine_streams(engine, prompts, args.max_tokens, salt))
+                return _mode_result(mode, concurrency, received, wall, engine_emits.times,
+                                    time.process_time() - cpu, None)
+            received, wall, client_cpu = clients[mode].streams(prompts, args.max_tokens, salt)
+            return _mode_result(mode, concurrency, received, wall, server_emits.times, time.process_time() - cpu,
+                                client_cpu)
+
+        # First calls pay one-time costs (allocator growth, kernel selection) that no mode should be charged.
+        for mode in modes:
+            run_mode(mode, 1)
+        runs: dict[tuple[str, int], list[ModeResult]] = defaultdict(list)
+        for _ in range(args.rounds):
+            for concurrency in levels:
+                for mode in modes:
+                    runs[mode, concurrency].append(run_mode(mode, concurrency))
     finally:
+        if clients:
+            for client in clients.values():
+                client.close()
+        if server is not None:
+            server.close()
         asyncio.run(engine.shutdown())
 
-    # The protocols take turns on one server, as `glmserve serve` runs them: both listeners over one engine core.
-    protocols = [m for m in MODES[1:] if m in modes]
-    if protocols:
-        server = ServerThread(ServerOptions(host="127.0.0.1", port=0, http_port=0 if "http" in protocols else None,
-                                            metrics_port=None), ProcessEngineCore(config).wait_ready)
-        emits = _EmitTimes()
-        server.server.async_engine.step_listeners.append(emits)
-        try:
-            for offset, mode in enumerate(protocols):
-                client = _ClientProcess(mode, server)
-                try:
-                    client.streams(_prompts(1, args.prompt_len, vocab, -2 - offset), args.max_tokens, -2 - offset)
-                    for salt, concurrency in enumerate(levels):
-                        unique = len(MODES) * salt + 1 + offset   # distinct prompts per mode and level
-                        prompts = _prompts(concurrency, args.prompt_len, vocab, unique)
-                        cpu = time.process_time()
-                        received, wall, client_cpu = client.streams(prompts, args.max_tokens, unique)
-                        result.results.append(_mode_result(mode, concurrency, received, wall, emits.times,
-                                                           time.process_time() - cpu, client_cpu))
-                finally:
-                    client.close()
-        finally:
-            server.close()
-
-    by_key = {(r.mode, r.concurrency): r for r in result.results}
-    for mode in MODES[1:]:
+    for mode in modes:
         for concurrency in levels:
-            if (mode, concurrency) not in by_key:
-                continue
-            e, f = by_key["engine", concurrency], by_key[mode, concurrency]
+            result.results.append(_median_run(runs[mode, concurrency]))
+    for mode in protocols:
+        for concurrency in levels:
+            pairs = list(zip(runs["engine", concurrency], runs[mode, concurrency]))
+            ratio = statistics.median(f.tokens_per_s / e.tokens_per_s for e, f in pairs if e.tokens_per_s)
+            e, f = _median_run(runs["engine", concurrency]), _median_run(runs[mode, concurrency])
             result.cost.append(FrontendCost(concurrency, f.chunk_latency_p50_ms - e.chunk_latency_p50_ms,
-                                            f.chunk_latency_p99_ms - e.chunk_latency_p99_ms,
-                                            f.tokens_per_s / e.tokens_per_s if e.tokens_per_s else 0.0, mode))
+                                            f.chunk_latency_p99_ms - e.chunk_latency_p99_ms, ratio, mode,
+                                            [round(f.tokens_per_s / e.tokens_per_s, 3) for e, f in pairs]))
     return result
+
+
+def _median_run(runs: list[ModeResult]) -> ModeResult:
+    """The run with the median tokens/s (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r.tokens_per_s)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -85,4 +86,54 @@ def test_a_stream_closed_before_it_was_read_aborts_its_request(tiny_checkpoint):
             await async_engine.shutdown()
 
     asyncio.run(scenario())
+    assert_no_leaks(engine)
+
+
+def test_a_step_crosses_the_pipe_without_prompts_and_gets_them_back():
+    """StepDone pickles each delta without its prompt (and timestamps only on a closing delta); AsyncEngine puts the
+    prompt back from the request it sent, and forgets it once every sample finished."""
+    import pickle
+
+    from glmserve.engine.core.outputs import RequestMetrics
+    from glmserve.engine.runtime.messages import StepDone
+
+    prompt = list(range(3, 500))
+    running = RequestOutput("r", prompt, [CompletionOutput(0, " a", [7], logprobs=[-0.5], top_logprobs=[[(7, -0.5)]])],
+                            False, 16, RequestMetrics(1.0, 2.0))
+    closing = RequestOutput("r", prompt, [CompletionOutput(1, "b", [8], "length")], True, 16, RequestMetrics(1.0, 2.0))
+    step = StepDone([running, closing], None, 2, 5.0, 1)
+    wire = pickle.dumps(step)
+    assert len(wire) < 400                                  # a 497-token prompt would not fit: it is not sent
+    back = pickle.loads(wire)
+    assert [o.prompt_token_ids for o in back.outputs] == [None, None]
+    assert back.outputs[0].outputs[0] == running.outputs[0] and back.outputs[1].outputs[0] == closing.outputs[0]
+    assert back.outputs[0].metrics is None and back.outputs[1].metrics == closing.metrics
+
+    engine = AsyncEngine.__new__(AsyncEngine)
+    engine._prompts = {"r": [prompt, 2]}
+    engine._restore_prompts(back.outputs)
+    assert back.outputs[0].prompt_token_ids is prompt and engine._prompts == {"r": [prompt, 1]}
+    engine._restore_prompts([pickle.loads(pickle.dumps(StepDone([closing], None, 1, 6.0, 1))).outputs[0]])
+    assert engine._prompts == {}
+
+
+def test_a_stream_interval_joins_the_tokens_of_that_time_into_one_delta(tiny_checkpoint):
+    """With a stream interval, the first delta goes out at once (one token) and later ones carry every token of
+    at least the interval: a 60-token stream gets at most one delta per interval elapsed, and every token."""
+    interval = 0.05
+    engine = make_engine(str(tiny_checkpoint))
+
+    async def scenario():
+        async_engine = AsyncEngine(InprocEngineCore(engine), stream_interval=interval)
+        try:
+            start = time.monotonic()
+            deltas = [d.outputs[0].token_ids async for d in await async_engine.generate(
+                "paced", [5, 6, 7], SamplingParams(max_tokens=60, min_tokens=60, temperature=0.0))]
+            return deltas, time.monotonic() - start
+        finally:
+            await async_engine.shutdown()
+
+    deltas, elapsed = asyncio.run(scenario())
+    assert len(deltas[0]) == 1 and sum(map(len, deltas)) == 60
+    assert len(deltas) <= 2 + elapsed / interval
     assert_no_leaks(engine)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.subprocess
 
 def test_frontend_benchmark_runs_every_mode(tmp_path, capsys):
     out = tmp_path / "results" / "frontend.json"   # a folder that does not exist yet: the benchmark makes it
-    assert frontend.main(["--concurrency", "1,4", "--max-tokens", "4", "--prompt-len", "8", "--out", str(out)]) == 0
+    assert frontend.main(["--concurrency", "1,4", "--max-tokens", "4", "--prompt-len", "8", "--rounds", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {(r["mode"], r["concurrency"]): r for r in result["results"]}
     assert set(rows) == {(mode, c) for mode in ("engine", "grpc", "http") for c in (1, 4)}
@@ -26,3 +26,4 @@ def test_frontend_benchmark_runs_every_mode(tmp_path, capsys):
     assert all(c["throughput_ratio"] > 0 for c in result["cost"])
     table = capsys.readouterr().out
     assert "added p50 ms" in table and "grpc" in table and "http" in table
+    assert all(len(c["round_ratios"]) == 2 for c in result["cost"])

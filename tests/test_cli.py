@@ -103,3 +103,8 @@ def test_serve_refuses_a_backend_that_cannot_run_before_binding(capsys, monkeypa
                               "--metrics-port", "-1")
     assert code == 2 and "attention_backend 'cpu' needs its native kernel" in err and "Traceback" not in err
     assert "serving on" not in out      # refused before the port is bound, like a bad --model
+
+
+def test_serve_refuses_a_bad_stream_interval(capsys):
+    code, out, err = _run_cli(capsys, "serve", "--model", "glm-tiny", "--stream-interval-ms", "-5", "--port", "0")
+    assert code == 2 and "--stream-interval-ms must be in [0, 1000]" in err and "serving on" not in out

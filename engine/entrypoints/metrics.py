@@ -118,9 +118,13 @@ class ServerMetrics:
         if step.num_step_tokens:
             self.step_tokens.observe(step.num_step_tokens)
         self._update_lora(stats)
+        generated = 0
         for out in step.outputs:
             for sample in out.outputs:
+                generated += len(sample.token_ids)
                 self._observe_sample(out, sample, step.step_time)
+        if generated:
+            self.generation_tokens.inc(generated)    # once a step: a counter's lock taken once, not per token
 
     def _update_lora(self, stats: EngineStats) -> None:
         labels = (str(self._max_lora), ",".join(stats.running_lora_adapters), ",".join(stats.waiting_lora_adapters))
@@ -132,7 +136,6 @@ class ServerMetrics:
     def _observe_sample(self, out: RequestOutput, sample, now: float) -> None:
         key = (out.request_id, sample.index)
         if sample.token_ids:
-            self.generation_tokens.inc(len(sample.token_ids))
             last = self._last_token_time.get(key)
             if last is not None:
                 self.itl.observe(now - last)

@@ -13,6 +13,8 @@ class ServerOptions:
     metrics_port: int | None = 9090      # 0: any free port; None: no /metrics endpoint
     drain_timeout: float = 30.0
     max_waiting_requests: int | None = None
+    # A stream's message carries the tokens of at least this long (its first token excepted): see AsyncEngine.
+    stream_interval_ms: float = 0.0
     api_key: str | None = None           # both protocols: 'authorization: Bearer KEY'
     served_model_name: str | None = None  # the HTTP API's model id (default: the engine's model name)
     tls_cert: str | None = None          # PEM files; both or neither (both protocols)
@@ -30,6 +32,8 @@ class ServerOptions:
             raise ValueError(f"--max-message-bytes must be at least 1024, got {self.max_message_bytes}")
         if self.drain_timeout < 0:
             raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if not 0 <= self.stream_interval_ms <= 1000:
+            raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"--max-waiting-requests must be >= 0, got {self.max_waiting_requests}")
         if self.served_model_name is not None and not self.served_model_name.strip():

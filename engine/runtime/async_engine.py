@@ -40,14 +40,22 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, client: EngineCoreClient, max_waiting_requests: int | None = None):
+    def __init__(self, client: EngineCoreClient, max_waiting_requests: int | None = None,
+                 stream_interval: float = 0.0):
+        """``stream_interval``: seconds a stream waits after handing out a delta before it hands out the next, so the
+        tokens of that time go out as one message (0: every step's delta at once). A stream's first delta is never
+        held (time to first token is unchanged); a closing delta waits at most this long."""
         self.client = client
+        self.stream_interval = stream_interval
         self.info: EngineInfo = client.info
         self.tokenizer = ChatGLMTokenizer.from_file(self.info.tokenizer_path)
         self.max_waiting_requests = max_waiting_requests
         self.step_listeners: list[StepListener] = []       # called on the event thread after every step
         self.death_listeners: list[Callable[[str], None]] = []
         self._streams: dict[str, _Stream] = {}
+        # request id -> [prompt, samples not finished yet]: deltas come over the pipe without their prompt
+        # (messages.py), and the closing delta of an aborted request still needs it (metrics count it).
+        self._prompts: dict[str, list] = {}
         # Adds on their way to the engine core = sent - applied; each counter has one writer (the callers' event
         # loop / the event thread), so neither needs a lock.
         self._adds_sent = 0
@@ -87,6 +95,7 @@ class AsyncEngine:
             check_structured(params.structured, chat=params.strip_reply_prefix)
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
+        self._prompts[request_id] = [prompt, effective.n]
         self._adds_sent += 1
         self.client.send(AddRequest(request_id, prompt, params, priority, time.monotonic(), adapter))
         return RequestStream(self, request_id, self._iterate(request_id, stream, effective.n))
@@ -137,9 +146,19 @@ class AsyncEngine:
 
     async def _iterate(self, request_id: str, stream: _Stream, num_samples: int) -> AsyncIterator[RequestOutput]:
         finished = False
+        last_handed_out: float | None = None     # None until the first delta: it goes out at once
         try:
             while not finished:
-                for item in _coalesce(await _drain(stream.queue)):
+                items = await _drain(stream.queue)
+                if last_handed_out is not None and self.stream_interval > 0:
+                    # A protocol message costs the frontend (and the client) far more than a token does: let the
+                    # next steps' deltas join this one, up to the interval.
+                    wait = last_handed_out + self.stream_interval - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                        items += _take_queued(stream.queue)
+                last_handed_out = time.monotonic()
+                for item in _coalesce(items):
                     if isinstance(item, BaseException):
                         raise item
                     num_samples -= sum(o.finished for o in item.outputs)
@@ -155,6 +174,7 @@ class AsyncEngine:
         if isinstance(event, StepDone):
             self._stats = event.stats
             self._adds_applied = event.adds_applied
+            self._restore_prompts(event.outputs)
             for listener in self.step_listeners:
                 try:
                     listener(event)
@@ -171,9 +191,12 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_settle, future, event.info, event.error)
         elif isinstance(event, RequestFailed):
             self._adds_applied = event.adds_applied
+            self._prompts.pop(event.request_id, None)
             self._deliver([(event.request_id, event.error)])
         elif isinstance(event, StepFailed):
             self._adds_applied = event.adds_applied
+            for request_id in event.request_ids:
+                self._prompts.pop(request_id, None)
             if event.stats is not None:
                 self._stats = event.stats
             error = EngineStepError(event.message)
@@ -181,6 +204,7 @@ class AsyncEngine:
         elif isinstance(event, EngineFailed):
             self._dead = f"the engine has failed: {event.message}"    # before any caller hears of it
             log.error("%s", self._dead)
+            self._prompts.clear()
             items: dict[str, BaseException] = {request_id: EngineDeadError(self._dead) for request_id in self._streams}
             if event.failed_step is not None:    # the requests of the step that failed end with its error
                 items.update((rid, EngineStepError(event.failed_step.message)) for rid in event.failed_step.request_ids)
@@ -190,6 +214,18 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_settle, future, None, EngineDeadError(self._dead))
             for listener in self.death_listeners:
                 listener(self._dead)
+
+    def _restore_prompts(self, outputs: list[RequestOutput]) -> None:
+        """Give each delta its request's prompt, and forget a request's prompt once all its samples finished."""
+        for out in outputs:
+            entry = self._prompts.get(out.request_id)
+            if entry is None:
+                continue
+            if out.prompt_token_ids is None:
+                out.prompt_token_ids = entry[0]
+            entry[1] -= sum(1 for sample in out.outputs if sample.finished)
+            if entry[1] <= 0:
+                del self._prompts[out.request_id]
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand items to their streams: one hop per event loop, not one per item."""
@@ -246,7 +282,11 @@ def _put_all(batch: list[tuple[_Stream, object]]) -> None:
 
 async def _drain(q: asyncio.Queue) -> list:
     """Wait for one item, then take whatever else is already queued."""
-    items = [await q.get()]
+    return [await q.get(), *_take_queued(q)]
+
+
+def _take_queued(q: asyncio.Queue) -> list:
+    items = []
     while not q.empty():
         items.append(q.get_nowait())
     return items

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glmserve.engine.core.adapters import AdapterKind
-from glmserve.engine.core.outputs import RequestOutput
+from glmserve.engine.core.outputs import CompletionOutput, RequestOutput
 from glmserve.engine.lora.manager import AdapterInfo
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.runtime.engine_info import EngineInfo, EngineStats
@@ -70,6 +70,22 @@ class StepDone:
     num_step_tokens: int          # tokens computed by the step (prefill chunks plus decodes)
     step_time: float              # time.monotonic() when the step finished (the clock is shared by processes)
     adds_applied: int             # AddRequest commands taken so far (the frontend counts the ones still on the way)
+
+    # Pickled compactly: one tuple per delta, without the prompt (the frontend has it: AsyncEngine puts it back)
+    # and with a request's timestamps only on its closing delta, where they are read. Per token, what crosses the
+    # pipe is then a few small fields, whatever the prompt's length.
+    def __getstate__(self):
+        rows = [(out.request_id, out.finished, out.num_cached_tokens, out.metrics if out.finished else None,
+                 [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs, c.top_logprobs)
+                  for c in out.outputs])
+                for out in self.outputs]
+        return rows, self.stats, self.num_step_tokens, self.step_time, self.adds_applied
+
+    def __setstate__(self, state) -> None:
+        rows, self.stats, self.num_step_tokens, self.step_time, self.adds_applied = state
+        self.outputs = [RequestOutput(request_id, None, [CompletionOutput(*sample) for sample in samples], finished,
+                                      num_cached, metrics)
+                        for request_id, finished, num_cached, metrics, samples in rows]
 
 
 @dataclass

@@ -25,6 +25,7 @@ import sys
 
 from glmserve.engine.config.options import add_engine_arguments, engine_config_from_args
 from glmserve.engine.entrypoints.cli.env import API_KEY_ENV
+from glmserve.engine.entrypoints.server_options import ServerOptions
 
 
 
@@ -50,6 +51,10 @@ def add_serve_parser(sub) -> None:
                    help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
     g.add_argument("--max-waiting-requests", type=int, default=None,
                    help="refuse new requests with RESOURCE_EXHAUSTED while this many wait (default: no limit)")
+    g.add_argument("--stream-interval-ms", type=float, default=ServerOptions.stream_interval_ms,
+                   help="a streamed message carries the tokens of at least this many milliseconds (the first token "
+                        "goes out at once): fewer, larger messages cost the server and its clients less CPU "
+                        "(default: %(default)s)")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'authorization: Bearer KEY' (gRPC metadata, HTTP header) (default: ${API_KEY_ENV}); "
                         "health checks are exempt")
@@ -73,7 +78,8 @@ def run_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         **host, port=args.port, http_port=None if args.http_port < 0 else args.http_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, drain_timeout=args.drain_timeout,
-        max_waiting_requests=args.max_waiting_requests, api_key=args.api_key,
+        max_waiting_requests=args.max_waiting_requests, stream_interval_ms=args.stream_interval_ms,
+        api_key=args.api_key,
         served_model_name=args.served_model_name, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_bytes=args.max_message_bytes)
     config = engine_config_from_args(args)
