@@ -43,8 +43,8 @@ def error_of(exc: openai.APIStatusError) -> dict:
     ({"top_logprobs": 2}, "top_logprobs"),                    # without logprobs
     ({"seed": 1.5}, "seed"),                                  # strict types: not an integer
     ({"temperature": "hot"}, "temperature"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": "required"}, "tool_choice"),                           # without tools
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),   # without stream
     ({"extra_body": {"top_k": -5}}, "top_k"),

@@ -5,6 +5,8 @@ their roles; a ``tool`` message is an ``observation``; an assistant message's ``
 ChatGLM3 writes a call (the tool's name on the metadata line, then ``tool_call(...)`` in a fenced block), so a
 conversation continues exactly as the model would have produced it. ``tools`` become ChatGLM3's tools system
 prompt; a reply that is a tool call comes back as ``tool_calls`` with ``finish_reason: "tool_calls"``.
+``tool_choice`` "required" or a named function constrains the reply to a call (through ``ChatTemplate``), and
+``response_format`` (or vLLM's structured outputs) constrains the reply's content.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from glmserve.engine.entrypoints.http.protocol import ChatCompletionRequest, Mes
 from glmserve.engine.entrypoints.http.reply_gate import ReplyGate
 from glmserve.engine.entrypoints.http.sampling import include_usage, sampling_params
 from glmserve.engine.entrypoints.http.streaming import DONE, sse
+from glmserve.engine.entrypoints.http.structured import field_names as structured_field_names
 from glmserve.engine.entrypoints.serving_state import ServingState
+from glmserve.engine.structured.tool_call_grammar import ToolChoice
 from glmserve.engine.text.chat_format import ChatFormatError, ChatMessage
 from glmserve.engine.text.tool_call import ToolCall
 
@@ -90,12 +94,27 @@ def tool_call_message(call: ToolCallIn, where: str) -> ChatMessage:
 
 def chat_tools(tools: list[Tool] | None, tool_choice: str | dict | None = None) -> list | None:
     """ChatGLM3's tools (the function definitions, shown to the model as JSON), or None for no tools."""
-    if tool_choice not in (None, "auto", "none"):
-        raise bad_request("tool_choice", "tool_choice: only 'auto' and 'none' are supported (ChatGLM3 decides "
-                          "by itself whether to call a tool)")
     if not tools or tool_choice == "none":
         return None
     return [tool.function.model_dump(exclude_none=True) for tool in tools]
+
+
+def chat_tool_choice(tool_choice: str | dict | None) -> ToolChoice:
+    """OpenAI's ``tool_choice`` as the chat layer takes it: "auto" (and "none", whose tools stay out of the prompt)
+    leave the reply free; "required" and ``{"type": "function", "function": {"name": ...}}`` force a call."""
+    if tool_choice in (None, "auto", "none"):
+        return ToolChoice()
+    if tool_choice == "required":
+        return ToolChoice("required")
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        if tool_choice.get("type") == "function" and isinstance(function, dict) and isinstance(function.get("name"),
+                                                                                              str):
+            return ToolChoice.named(function["name"])
+        raise bad_request("tool_choice", 'tool_choice: a function is chosen as {"type": "function", "function": '
+                          f'{{"name": ...}}}}, got {tool_choice!r}')
+    raise bad_request("tool_choice", "tool_choice: must be 'none', 'auto', 'required' or a function, got "
+                      f"{tool_choice!r}")
 
 
 @dataclass
@@ -116,16 +135,22 @@ class ChatCall:
 def chat_call(body: ChatCompletionRequest, state: ServingState, request_id: str, model: str,
               token_text: TokenText, adapter: str | None = None) -> ChatCall:
     """Everything checked that can be checked before the engine sees the request."""
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise bad_request("response_format", "response_format: only {'type': 'text'} is supported")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs", "top_logprobs: needs logprobs: true")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     chat = state.chat
-    params = chat.sampling_params(sampling_params(body, max_tokens, logprobs))
     tools = chat_tools(body.tools, body.tool_choice)
-    if tools is not None:   # the reply gate reads the raw reply (see reply_gate)
+    params = chat.sampling_params(sampling_params(body, max_tokens, logprobs), tools,
+                                  chat_tool_choice(body.tool_choice))
+    # With tools, a reply may be a call: a gate per choice keeps a call's code out of the text (see reply_gate).
+    # A free reply is read raw, to tell a call from an answer by its first line. A forced call keeps the chat's
+    # prefix stripping (its grammar is the chat reply's) and is held whole. A reply constrained to some other
+    # grammar cannot be a call and needs no gate.
+    structured = params.structured
+    free_with_tools = tools is not None and structured is None
+    forced_call = structured is not None and structured.kind == "tool_call"
+    if free_with_tools:
         params = params.clone(strip_reply_prefix=False)
     try:
         prompt = chat.prompt(chat_messages(body.messages), tools)
@@ -135,12 +160,12 @@ def chat_call(body: ChatCompletionRequest, state: ServingState, request_id: str,
                             body.priority or 0, adapter, finish=chat.finish)
     return ChatCall(generation, f"chatcmpl-{request_id}", model, token_text, logprobs, include_usage(body),
                     bool(body.return_token_ids),
-                    [ReplyGate() for _ in range(params.n)] if tools is not None else None)
+                    [ReplyGate() for _ in range(params.n)] if free_with_tools or forced_call else None)
 
 
 def field_names(body: ChatCompletionRequest) -> dict[str, str]:
     """The engine's field names as this request spells them, for error messages."""
-    names = {"prompt": "messages", "logprobs": "top_logprobs"}
+    names = {"prompt": "messages", "logprobs": "top_logprobs", **structured_field_names(body)}
     if body.max_completion_tokens is not None:
         names["max_tokens"] = "max_completion_tokens"
     return names

@@ -2,7 +2,8 @@
 
 ``prompt`` is a string, a list of strings, a list of token ids, or a list of such lists. A string is encoded as
 the gRPC API's Generate encodes it (``[gMASK] sop`` first); token ids are taken as they are. Each prompt is one
-engine request with ``n`` samples; choice ``i * n + j`` is sample ``j`` of prompt ``i``.
+engine request with ``n`` samples; choice ``i * n + j`` is sample ``j`` of prompt ``i``. A structured-output
+constraint (``response_format``, vLLM's ``structured_outputs``) covers the whole completion of each sample.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from glmserve.engine.entrypoints.http.logprobs import TokenText, completion_logp
 from glmserve.engine.entrypoints.http.protocol import CompletionRequest
 from glmserve.engine.entrypoints.http.sampling import include_usage, sampling_params
 from glmserve.engine.entrypoints.http.streaming import DONE, sse
+from glmserve.engine.entrypoints.http.structured import field_names as structured_field_names
 from glmserve.engine.entrypoints.serving_state import ServingState
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
 
@@ -83,6 +85,11 @@ def completion_call(body: CompletionRequest, state: ServingState, request_id: st
     generation = Generation(state.engine, engine_prompts, params, body.priority or 0, adapter)
     return CompletionCall(generation, f"cmpl-{request_id}", model, token_text, body.logprobs is not None,
                           include_usage(body), bool(body.return_token_ids))
+
+
+def field_names(body: CompletionRequest) -> dict[str, str]:
+    """The engine's field names as this request spells them, for error messages."""
+    return {"prompt_token_ids": "prompt", **structured_field_names(body)}
 
 
 # ---- answer out ---------------------------------------------------------------------------------------------------

@@ -45,6 +45,13 @@ class SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     priority: int | None = None                  # lower runs first (the gRPC API's priority)
     return_token_ids: bool | None = None         # each choice carries its token ids (vLLM's name)
+    # Structured outputs (http/structured.py checks the shapes; the engine checks the values, naming the field)
+    response_format: dict[str, Any] | None = None     # OpenAI's: text, json_object, json_schema
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: one of json, regex, choice, grammar, json_object
+    guided_json: Any = None                           # vLLM's older names for the same
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
 
 # ---- chat ---------------------------------------------------------------------------------------------------------
@@ -93,8 +100,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None   # "auto" and "none" are served
-    response_format: dict[str, Any] | None = None     # refused unless {"type": "text"}
+    tool_choice: str | dict[str, Any] | None = None   # "none", "auto", "required", or a function by name
 
 
 # ---- completions --------------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class Routes:
             chat_api.complete, chat_api.stream)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._generate(request, bool(body.stream), {"prompt_token_ids": "prompt"},
+        return await self._generate(request, bool(body.stream), completions_api.field_names(body),
                                     lambda rid, model, adapter: completions_api.completion_call(
                                         body, self.state, rid, model, self.token_text, adapter), body.model,
             completions_api.complete, completions_api.stream)
