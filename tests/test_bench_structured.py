@@ -1,8 +1,9 @@
 """The structured-output benchmarks: ``glmserve-bench structured`` (in one process, glm-tiny here) and
-``glmserve-bench serve --structured`` against the shared gRPC server."""
+``glmserve-bench serve --structured`` against the shared server, over gRPC and over its OpenAI-compatible HTTP API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 
@@ -14,7 +15,7 @@ from glmserve.bench import cli  # noqa: E402
 from glmserve.bench.serve.command import BenchConfig, benchmark  # noqa: E402
 from glmserve.bench.serve.datasets import IntRange  # noqa: E402
 from glmserve.bench.serve.report import result_json  # noqa: E402
-from glmserve.bench.serve.structured_arg import parse_structured  # noqa: E402
+from glmserve.bench.serve.structured_arg import openai_fields, parse_structured  # noqa: E402
 
 from .server_fixtures import session_server, shared_server  # noqa: E402,F401
 
@@ -62,26 +63,79 @@ def test_parse_structured(tmp_path):
             parse_structured(text)
 
 
-def test_serve_bench_sends_structured_requests(shared_server, tmp_path):
-    """Every request is constrained; the run completes and each streamed reply (kept in the harness's record of
-    the request) follows the regex."""
-    from glmserve.bench.serve.grpc_backend import GrpcBackend
+@contextlib.contextmanager
+def recorded_replies(backend_class):
+    """The streamed reply of every request the harness sends through ``backend_class`` (kept in its records)."""
     replies = []
-    original = GrpcBackend.send
+    original = backend_class.send
 
     async def recording_send(*args, **kwargs):
         record = await original(*args, **kwargs)
         replies.append(record.reply)
         return record
-    GrpcBackend.send = recording_send
+    backend_class.send = recording_send
     try:
+        yield replies
+    finally:
+        backend_class.send = original
+
+
+def test_serve_bench_sends_structured_requests(shared_server, tmp_path):
+    """Every request is constrained; the run completes and each streamed reply follows the regex."""
+    from glmserve.bench.serve.grpc_backend import GrpcBackend
+    with recorded_replies(GrpcBackend) as replies:
         config = BenchConfig(target=shared_server.target, num_prompts=8, input_len=IntRange(8, 16),
                              output_len=IntRange(24, 24), temperature=1.0, progress=False,
                              structured=parse_structured(r"regex:[a-z]{2,5}-\d{3}"))
         (result,) = asyncio.run(benchmark(config))
-    finally:
-        GrpcBackend.send = original
     data = result_json(result)
     assert (data["completed"], data["failed"]) == (8, 0)
     assert len(replies) == 8 and all(re.fullmatch(r"[a-z]{2,5}-\d{3}", r) for r in replies), replies
     assert data["total_output_tokens"] < 8 * 24   # each ended when its grammar was complete
+
+
+def test_serve_bench_sends_structured_requests_over_http(shared_server):
+    """``--backend openai``: the regex goes as vLLM's ``structured_outputs``; every completion follows it."""
+    from glmserve.bench.serve.openai_backend import OpenAIBackend
+    with recorded_replies(OpenAIBackend) as replies:
+        config = BenchConfig(backend="openai", base_url=shared_server.base_url, num_prompts=8,
+                             input_len=IntRange(8, 16), output_len=IntRange(24, 24), temperature=1.0, progress=False,
+                             structured=parse_structured(r"regex:[a-z]{2,5}-\d{3}"))
+        (result,) = asyncio.run(benchmark(config))
+    data = result_json(result)
+    assert (data["backend"], data["completed"], data["failed"]) == ("openai", 8, 0)
+    assert len(replies) == 8 and all(re.fullmatch(r"[a-z]{2,5}-\d{3}", r) for r in replies), replies
+    assert data["total_output_tokens"] < 8 * 24
+
+
+def test_serve_bench_sends_a_json_schema_over_openai_chat(shared_server, tmp_path, capsys):
+    """``--backend openai-chat --structured json_schema:FILE`` from the command line: the schema goes as OpenAI's
+    ``response_format``; every chat reply (multiturn, so replies become the next turns' history) validates."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from glmserve.bench.serve.openai_backend import OpenAIBackend
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "confidence": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer", "confidence"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    out = tmp_path / "result.json"
+    with recorded_replies(OpenAIBackend) as replies:
+        assert cli.main(["serve", "--backend", "openai-chat", "--base-url", shared_server.base_url,
+                         "--dataset", "multiturn", "--num-prompts", "6", "--turns", "2", "--system-words", "10",
+                         "--output-len", "64", "--temperature", "1.0", "--structured", f"json_schema:{path}",
+                         "--result-json", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    data = json.loads(out.read_text())
+    assert (data["backend"], data["completed"], data["failed"]) == ("openai-chat", 6, 0)
+    assert len(replies) == 6
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), schema)
+
+
+def test_openai_fields():
+    assert openai_fields({"regex": "a+"}) == {"structured_outputs": {"regex": "a+"}}
+    assert openai_fields({"choice": ["x", "y"]}) == {"structured_outputs": {"choice": ["x", "y"]}}
+    assert openai_fields({"grammar": 'root ::= "a"'}) == {"structured_outputs": {"grammar": 'root ::= "a"'}}
+    assert openai_fields({"json_object": True}) == {"response_format": {"type": "json_object"}}
+    assert openai_fields({"json_schema": '{"type": "object"}'}) == {"response_format": {
+        "type": "json_schema", "json_schema": {"name": "bench", "schema": {"type": "object"}, "strict": True}}}

@@ -21,7 +21,13 @@ from pydantic import BaseModel, Field
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
-from .server_fixtures import MODEL, session_server, shared_server  # noqa: E402,F401 (fixtures)
+from glmserve.engine.entrypoints.grpc.client import _sampling, collect  # noqa: E402
+from glmserve.engine.entrypoints.grpc.proto_convert import structured_from_proto  # noqa: E402
+from glmserve.engine.entrypoints.http.protocol import CompletionRequest  # noqa: E402
+from glmserve.engine.entrypoints.http.structured import structured_output  # noqa: E402
+from glmserve.engine.structured.grammars import cache_key  # noqa: E402
+
+from .server_fixtures import MODEL, client, session_server, shared_server  # noqa: E402,F401 (fixtures)
 
 # Nested objects, arrays, enums, bounded numbers, required and optional fields.
 PLAYER = {"type": "object",
@@ -92,6 +98,54 @@ def completion_choices(api, stream: bool, **kwargs) -> list[tuple[str, str]]:
             entry[0] += c.text
             entry[1] = c.finish_reason or entry[1]
     return [tuple(texts[i]) for i in sorted(texts)]
+
+
+# ---- one conversion -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("http, grpc_kwargs", [
+    ({"response_format": json_schema_format(PLAYER)}, {"json_schema": json.dumps(PLAYER, ensure_ascii=False)}),
+    ({"structured_outputs": {"json": PLAYER}}, {"json_schema": json.dumps(PLAYER, ensure_ascii=False)}),
+    ({"guided_json": PLAYER}, {"json_schema": json.dumps(PLAYER, ensure_ascii=False)}),
+    ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+    ({"structured_outputs": {"json_object": True}}, {"json_object": True}),
+    ({"structured_outputs": {"regex": DATE}}, {"regex": DATE}),
+    ({"guided_regex": DATE}, {"regex": DATE}),
+    ({"structured_outputs": {"choice": ["a", "b"], "disable_any_whitespace": True}}, {"choice": ["a", "b"]}),
+    ({"guided_choice": ["a", "b"]}, {"choice": ["a", "b"]}),
+    ({"structured_outputs": {"grammar": COUNTING}}, {"grammar": COUNTING}),
+    ({"guided_grammar": COUNTING}, {"grammar": COUNTING}),
+])
+def test_every_http_spelling_is_the_grpc_apis_structured_output(http, grpc_kwargs):
+    """The same StructuredOutput as the gRPC API's oneof (so the same checks, grammar and compiled-grammar cache)."""
+    over_http = structured_output(CompletionRequest(prompt="x", **http))
+    over_grpc = structured_from_proto(_sampling(grpc_kwargs))
+    assert over_http.kind == over_grpc.kind
+    assert cache_key(over_http, chat=True) == cache_key(over_grpc, chat=True)
+
+
+def test_no_constraint_and_text_are_unconstrained():
+    assert structured_output(CompletionRequest(prompt="x")) is None
+    assert structured_output(CompletionRequest(prompt="x", response_format={"type": "text"})) is None
+
+
+def test_greedy_structured_replies_equal_grpcs(api, client):
+    """At temperature 0, HTTP and gRPC run the same grammar on the same prompt: the same text, and the same call."""
+    over_http = chat_choices(api, False, messages=CHAT, temperature=0.0, max_tokens=120,
+                             response_format=json_schema_format(PLAYER))[0]["content"]
+    [over_grpc] = collect(client.chat(CHAT, json_schema=PLAYER, temperature=0.0, max_tokens=120))
+    assert over_http == over_grpc.text and over_grpc.finish_reason == "stop"
+    ((text, _),) = completion_choices(api, False, prompt=PROMPT, temperature=0.0, max_tokens=40,
+                                      extra_body={"structured_outputs": {"regex": DATE}})
+    [over_grpc] = collect(client.generate(PROMPT, regex=DATE, temperature=0.0, max_tokens=40))
+    assert text == over_grpc.text
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    (choice,) = chat_choices(api, True, messages=messages, tools=TOOLS, tool_choice="required", temperature=0.0,
+                             max_tokens=120)
+    [over_grpc] = collect(client.chat(messages, tools=[t["function"] for t in TOOLS], tool_choice="required",
+                                      temperature=0.0, max_tokens=120))
+    (call,) = choice["tool_calls"]
+    assert over_grpc.finish_reason == "tool_call"
+    assert (call.function.name, json.loads(call.function.arguments)) == (over_grpc.tool_call.name,
+                                                                         over_grpc.tool_call.arguments)
 
 
 # ---- JSON -----------------------------------------------------------------------------------------------------------

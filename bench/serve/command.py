@@ -112,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="(default: greedy)")
     g.add_argument("--structured", type=parse_structured, default=None, metavar="KIND[:VALUE]",
                    help="structured output for every request: json_schema:FILE, grammar:FILE, regex:PATTERN, "
-                        "choice:A,B,C or json_object (a reply ends once its grammar is complete)")
+                        "choice:A,B,C or json_object (a reply ends once its grammar is complete; over HTTP sent as "
+                        "response_format or vLLM's structured_outputs)")
     g = parser.add_argument_group("load")
     g.add_argument("--request-rate", type=parse_rates, default=[math.inf],
                    help="requests per second: inf (all at once) or a comma-separated sweep such as 2,4,8")
@@ -198,8 +199,6 @@ def _check(config: BenchConfig) -> None:
             raise ValueError(f"the {config.dataset} dataset sends chats: use --backend openai-chat (or grpc)")
         if config.backend == "openai-chat" and config.dataset == "random":
             raise ValueError("the random dataset sends token ids: use --backend openai (or grpc)")
-        if config.structured:
-            raise ValueError("--structured is sent as glmserve's gRPC structured-output field: use --backend grpc")
         if config.chaos and not config.metrics_url:
             raise ValueError(f"--chaos with --backend {config.backend} needs --metrics-url: the check that the "
                              "server ends idle reads its load there")

@@ -29,6 +29,7 @@ from glmserve.bench.serve.client import (CANCELLED, DEADLINE_EXCEEDED, OK, Reque
                                          sampling_for)
 from glmserve.bench.serve.datasets import BenchPrompt
 from glmserve.bench.serve.server_stats import fetch, parse_load
+from glmserve.bench.serve.structured_arg import openai_fields
 
 DATA = b"data: "
 CONNECTION_ERROR = "CONNECTION_ERROR"
@@ -47,6 +48,8 @@ class OpenAIBackend:
         self.metrics_url = metrics_url
         self._model = model
         self._vocab_size = vocab_size
+        self._structured_from: dict | None = None
+        self._structured_fields: dict | None = None
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # No limit on connections: the runner's --max-concurrency is the only cap, as with gRPC's one channel.
         self._session = aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0),
@@ -101,10 +104,19 @@ class OpenAIBackend:
             return None
         return parse_load(await asyncio.to_thread(fetch, self.metrics_url, 5.0))
 
+    def _structured(self, structured: dict | None) -> dict | None:
+        """The body fields of ``structured`` (every request of a run shares one dict: converted once)."""
+        if not structured:
+            return None
+        if self._structured_from is not structured:
+            self._structured_from, self._structured_fields = structured, openai_fields(structured)
+        return self._structured_fields
+
     # ---- one request --------------------------------------------------------------------------------------------
-    def _body(self, prompt: BenchPrompt, history: list[dict], temperature: float, chaos: Chaos | None) -> dict:
+    def _body(self, prompt: BenchPrompt, history: list[dict], temperature: float, chaos: Chaos | None,
+              structured: dict | None = None) -> dict:
         body = {"model": self._model, "stream": True, "stream_options": {"include_usage": True},
-                "return_token_ids": True, **sampling_for(prompt, temperature, chaos)}
+                "return_token_ids": True, **sampling_for(prompt, temperature, chaos, self._structured(structured))}
         overlong = chaos.prompt_token_ids if chaos is not None and chaos.prompt_token_ids else None
         if not self.chat:
             body["prompt"] = list(overlong or prompt.prompt_token_ids)
@@ -116,8 +128,9 @@ class OpenAIBackend:
 
     async def send(self, request_id: str, prompt: BenchPrompt, history: list[dict], temperature: float,
                    chaos: Chaos | None = None, structured: dict | None = None) -> RequestRecord:
-        """``structured`` is refused before a run starts (the command's checks): it is glmserve's gRPC field."""
-        body = self._body(prompt, history, temperature, chaos)
+        """``structured``: the constraint as the gRPC client names it (``--structured``), sent in the body fields
+        an OpenAI-compatible server takes (``response_format``, vLLM's ``structured_outputs``)."""
+        body = self._body(prompt, history, temperature, chaos, structured)
         timeout = chaos.timeout_s if chaos is not None else None
         cancel_after = chaos.cancel_after if chaos is not None and chaos.kind == "cancel" else None
         record = RequestRecord(request_id, chaos.kind if chaos else None, time.perf_counter(),

@@ -5,6 +5,8 @@
     json_object         any JSON object
 
 The server ends a structured reply once its grammar is complete, so replies can be shorter than --output-len.
+Over gRPC the kinds are fields of the request's SamplingParams (the gRPC client's names); over HTTP they are sent
+as the OpenAI-compatible servers take them (:func:`openai_fields`).
 """
 from __future__ import annotations
 
@@ -40,3 +42,18 @@ def parse_structured(text: str) -> dict:
         except ValueError as exc:
             raise ValueError(f"--structured: {value} is not JSON: {exc}") from None
     return {kind: content}
+
+
+def openai_fields(structured: dict) -> dict:
+    """The request-body fields that ask an OpenAI-compatible server (glmserve's, vLLM >= 0.10's) for the same
+    constraint: OpenAI's ``response_format`` for JSON, vLLM's ``structured_outputs`` for regex, choice, grammar."""
+    ((kind, value),) = structured.items()
+    if kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if kind == "json_schema":
+        schema = json.loads(value) if isinstance(value, str) else value
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "bench", "schema": schema, "strict": True}}}
+    if kind not in KINDS:
+        raise ValueError(f"unknown structured-output kind {kind!r}")
+    return {"structured_outputs": {kind: value}}
