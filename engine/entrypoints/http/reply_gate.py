@@ -5,6 +5,8 @@ ChatGLM3 reply starts with its metadata line: empty for a plain answer (so the r
 the tool's name for a call. The chat runs without the engine's reply-prefix stripping, and this gate reads the
 raw text: a plain answer streams at once, minus its leading ``"\\n "`` (exactly ``clean_reply``); anything else
 is held until the reply ends, when ``ChatTemplate.finish`` has read it as a tool call, or as text after all.
+A forced call (``tool_choice`` "required" or a function) runs with the prefix stripping, as its grammar is the chat
+reply's; it starts with the tool's name, never ``"\n"``, so it is held whole all the same.
 """
 from __future__ import annotations
 
