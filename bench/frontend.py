@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto", help="of the engine core (default: as serve runs)")
     parser.add_argument("--stream-interval-ms", type=float, default=ServerOptions.stream_interval_ms,
                         help="the streams' message interval, in every mode (default: serve's, %(default)s)")
+    parser.add_argument("--frontend-cpus", type=int, default=ServerOptions.frontend_cpus,
+                        help="cores the engine cores leave to this process, in every mode (default: serve's, "
+                             "%(default)s)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
 
 
@@ -275,7 +278,8 @@ def measure(args: argparse.Namespace) -> FrontendResult:
     # Two engine cores on the same config: one read in this process (the engine mode), one behind the server both
     # protocols share, as `glmserve serve` runs them. An idle engine core sleeps on its pipe, so the modes can take
     # turns within each round: a machine whose speed drifts then shifts every mode alike.
-    engine = AsyncEngine(ProcessEngineCore(config).wait_ready(), stream_interval=interval)
+    engine = AsyncEngine(ProcessEngineCore(config, frontend_cpus=args.frontend_cpus).wait_ready(),
+                         stream_interval=interval)
     engine_emits = _EmitTimes()
     engine.step_listeners.append(engine_emits)
     server = clients = None
@@ -283,7 +287,7 @@ def measure(args: argparse.Namespace) -> FrontendResult:
         if protocols:
             server = ServerThread(ServerOptions(host="127.0.0.1", port=0, http_port=0 if "http" in protocols else None,
                                                 metrics_port=None, stream_interval_ms=args.stream_interval_ms),
-                                  ProcessEngineCore(config).wait_ready)
+                                  ProcessEngineCore(config, frontend_cpus=args.frontend_cpus).wait_ready)
             server_emits = _EmitTimes()
             server.server.async_engine.step_listeners.append(server_emits)
             clients = {mode: _ClientProcess(mode, server) for mode in protocols}

@@ -51,7 +51,9 @@ def plan_chaos(num: int, fraction: float, vocab_size: int, max_model_len: int, s
 
 def _make(kind: str, rng: random.Random, vocab_size: int, max_model_len: int) -> Chaos:
     if kind == "cancel":
-        return Chaos(kind, cancel_after=rng.randint(1, CHAOS_OUTPUT_LEN // 2))
+        # After the first chunk: a stream's first message carries its first token alone, whatever the server's
+        # stream interval, so there is always more to cancel (later messages may carry the rest all at once).
+        return Chaos(kind, cancel_after=1)
     if kind == "deadline":
         return Chaos(kind, timeout_s=rng.uniform(*DEADLINE_RANGE_S))
     if kind == "invalid":

@@ -14,7 +14,9 @@ class ServerOptions:
     drain_timeout: float = 30.0
     max_waiting_requests: int | None = None
     # A stream's message carries the tokens of at least this long (its first token excepted): see AsyncEngine.
-    stream_interval_ms: float = 0.0
+    stream_interval_ms: float = 20.0
+    # CPU cores the engine core's torch threads leave to this frontend process (CPU device; core_process.py).
+    frontend_cpus: int = 1
     api_key: str | None = None           # both protocols: 'authorization: Bearer KEY'
     served_model_name: str | None = None  # the HTTP API's model id (default: the engine's model name)
     tls_cert: str | None = None          # PEM files; both or neither (both protocols)
@@ -34,6 +36,8 @@ class ServerOptions:
             raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         if not 0 <= self.stream_interval_ms <= 1000:
             raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
+        if self.frontend_cpus < 0:
+            raise ValueError(f"--frontend-cpus must be >= 0, got {self.frontend_cpus}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"--max-waiting-requests must be >= 0, got {self.max_waiting_requests}")
         if self.served_model_name is not None and not self.served_model_name.strip():

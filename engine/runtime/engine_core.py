@@ -147,7 +147,8 @@ class EngineCore:
                           block_size=self.config.cache.block_size, num_kv_blocks=self.num_blocks,
                           dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                           enable_prefix_caching=self.config.cache.enable_prefix_caching,
-                          max_loras=self.config.lora.max_loras, adapters=tuple(self.adapters.list()))
+                          max_loras=self.config.lora.max_loras, adapters=tuple(self.adapters.list()),
+                          cpu_threads=torch.get_num_threads())
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

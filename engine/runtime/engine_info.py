@@ -22,6 +22,7 @@ class EngineInfo:
     enable_prefix_caching: bool
     max_loras: int = 0
     adapters: tuple[AdapterInfo, ...] = ()      # fine-tunes loaded at start-up
+    cpu_threads: int = 0                        # torch's intra-op threads in the engine core's process
 
     @property
     def limits(self) -> RequestLimits:

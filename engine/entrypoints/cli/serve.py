@@ -55,6 +55,9 @@ def add_serve_parser(sub) -> None:
                    help="a streamed message carries the tokens of at least this many milliseconds (the first token "
                         "goes out at once): fewer, larger messages cost the server and its clients less CPU "
                         "(default: %(default)s)")
+    g.add_argument("--frontend-cpus", type=int, default=ServerOptions.frontend_cpus,
+                   help="CPU cores the engine core's torch threads leave to the frontend process (CPU device; 0: "
+                        "it takes them all; an explicit OMP_NUM_THREADS wins) (default: %(default)s)")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'authorization: Bearer KEY' (gRPC metadata, HTTP header) (default: ${API_KEY_ENV}); "
                         "health checks are exempt")
@@ -79,6 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
         **host, port=args.port, http_port=None if args.http_port < 0 else args.http_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, drain_timeout=args.drain_timeout,
         max_waiting_requests=args.max_waiting_requests, stream_interval_ms=args.stream_interval_ms,
+        frontend_cpus=args.frontend_cpus,
         api_key=args.api_key,
         served_model_name=args.served_model_name, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_bytes=args.max_message_bytes)
@@ -106,7 +110,7 @@ async def serve(config, options) -> int:
         metrics = "off" if server.metrics_port is None else str(server.metrics_port)
         http = "off" if server.http_port is None else str(server.http_port)
         print(f"glmserve: serving on {options.host}:{server.port} metrics on {metrics} http on {http}", flush=True)
-        engine_core = ProcessEngineCore(config)    # loads the model in its own process
+        engine_core = ProcessEngineCore(config, frontend_cpus=options.frontend_cpus)   # loads the model there
         print(f"glmserve: engine core pid {engine_core.pid}", flush=True)
         load = asyncio.ensure_future(server.load(engine_core.wait_ready))
         signalled = asyncio.ensure_future(stop.wait())
