@@ -4,6 +4,7 @@ serving, unloads refused while in use, the LoRA info gauge in /metrics, and the 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import grpc
 import pytest
@@ -233,3 +234,51 @@ def test_http_model_field_names_a_fine_tune(server, client, expected):
         with pytest.raises(openai.NotFoundError) as info:
             api.completions.create(model="lora-missing", prompt=PROMPT, max_tokens=2)
         assert "lora-a" in info.value.body["message"]
+
+
+def _post(server, route: str, payload: dict) -> tuple[int, str]:
+    """(status, body text) of a POST to the HTTP API; an error status is returned, not raised."""
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(f"{server.base_url.removesuffix('/v1')}{route}", json.dumps(payload).encode(),
+                                     {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_http_loads_and_unloads_fine_tunes_as_vllm_does(server, client, folders, expected, tmp_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: a loaded fine-tune is a model requests name; a
+    bad folder is a 400 naming its file, an unknown name a 404, an unload while in use a 409."""
+    import openai
+    status, text = _post(server, "/v1/load_lora_adapter", {"lora_name": "lora-b", "lora_path": str(folders["lora-b"])})
+    assert status == 200 and "lora-b" in text
+    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60) as api:
+        assert "lora-b" in {m.id for m in api.models.list().data}
+        reply = api.completions.create(model="lora-b", prompt=PROMPT, max_tokens=6, temperature=0.0,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert reply.choices[0].model_extra["token_ids"] == _tokens(client.generate(
+            prompt_token_ids=PROMPT, max_tokens=6, temperature=0.0, ignore_eos=True, adapter="lora-b"))
+        status, text = _post(server, "/v1/load_lora_adapter", {"lora_name": "lora-b", "lora_path": str(folders["lora-a"])})
+        assert status == 400 and json.loads(text)["error"]["param"] == "lora_name"
+        stream = api.completions.create(model="lora-b", prompt=PROMPT, max_tokens=3000, stream=True,
+                                        extra_body={"ignore_eos": True})
+        next(iter(stream))                                   # in flight: the unload is refused
+        status, text = _post(server, "/v1/unload_lora_adapter", {"lora_name": "lora-b"})
+        assert status == 409 and "used by 1 request" in json.loads(text)["error"]["message"]
+        stream.close()
+        eventually(lambda: client.load().num_running == 0, 20, "the closed stream's request leaving")
+        status, text = _post(server, "/v1/unload_lora_adapter", {"lora_name": "lora-b"})
+        assert status == 200 and "removed" in text
+        with pytest.raises(openai.NotFoundError):
+            api.completions.create(model="lora-b", prompt=PROMPT, max_tokens=2)
+    status, text = _post(server, "/v1/unload_lora_adapter", {"lora_name": "lora-b"})
+    assert status == 404 and json.loads(text)["error"]["param"] == "lora_name"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, text = _post(server, "/v1/load_lora_adapter", {"lora_name": "nothing", "lora_path": str(empty)})
+    assert status == 400 and json.loads(text)["error"]["param"] == "lora_path", text
+    status, text = _post(server, "/v1/load_lora_adapter", {"lora_name": "missing-path"})
+    assert status == 400 and "lora_path" in text

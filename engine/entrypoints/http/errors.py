@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from glmserve.engine.core.adapters import UnknownAdapterError
+from glmserve.engine.core.adapters import (AdapterCapacityError, AdapterExistsError, AdapterInUseError,
+                                           AdapterLoadError, UnknownAdapterError)
 from glmserve.engine.core.errors import (DuplicateRequestError, EngineDeadError, EngineStepError, QueueFullError,
                                          RequestError)
 from glmserve.engine.core.sampling_params import SamplingParamsError
@@ -61,8 +62,16 @@ def error_for(exc: BaseException, field_names: dict[str, str] | None = None) -> 
         return ApiError(400, message, param)
     if isinstance(exc, (ChatFormatError, TokenizerError)):
         return ApiError(400, str(exc), names.get("messages"))
-    if isinstance(exc, UnknownAdapterError):   # a fine-tune unloaded between the model check and the submit
-        return ApiError(404, str(exc), "model", code="model_not_found")
+    if isinstance(exc, UnknownAdapterError):   # also a fine-tune unloaded between the model check and the submit
+        return ApiError(404, str(exc), names.get("adapter", "model"), code="model_not_found")
+    if isinstance(exc, AdapterLoadError):      # the message names the file and the tensor at fault
+        return ApiError(400, str(exc), names.get("adapter_path"))
+    if isinstance(exc, AdapterExistsError):
+        return ApiError(400, str(exc), names.get("adapter"), code="adapter_exists")
+    if isinstance(exc, AdapterInUseError):
+        return ApiError(409, str(exc), names.get("adapter"), code="adapter_in_use")
+    if isinstance(exc, AdapterCapacityError):
+        return ApiError(429, str(exc), None, "rate_limit_error", "adapter_capacity")
     if isinstance(exc, DuplicateRequestError):
         return ApiError(409, str(exc), None, INVALID_REQUEST, "duplicate_request_id")
     if isinstance(exc, QueueFullError):

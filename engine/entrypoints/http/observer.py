@@ -21,7 +21,8 @@ from glmserve.engine.entrypoints.metrics import ServerMetrics
 from glmserve.engine.entrypoints.serving_state import ServingState
 
 GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-ROUTES = GENERATION_ROUTES | {"/v1/models", "/health", "/tokenize"}
+ROUTES = GENERATION_ROUTES | {"/v1/models", "/health", "/tokenize", "/v1/load_lora_adapter",
+                                  "/v1/unload_lora_adapter"}
 OPEN_ROUTES = frozenset({"/health"})
 CLIENT_CLOSED = "499"
 API_KEY_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"

@@ -115,6 +115,20 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None                   # refused unless it equals n
 
 
+class LoadLoraAdapterRequest(_Body):
+    """vLLM's ``/v1/load_lora_adapter``; ``kind`` (glmserve's) loads a P-tuning v2 checkpoint the same way."""
+
+    lora_name: str
+    lora_path: str
+    kind: Literal["lora", "ptuning"] | None = None   # default: told by the folder's files
+
+
+class UnloadLoraAdapterRequest(_Body):
+    """vLLM's ``/v1/unload_lora_adapter``."""
+
+    lora_name: str
+
+
 class TokenizeRequest(_Body):
     """vLLM's ``/tokenize`` (not part of OpenAI's API): a text, or a chat's messages, to the prompt's ids."""
 

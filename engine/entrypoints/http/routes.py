@@ -1,4 +1,5 @@
-"""The HTTP API's routes: OpenAI's chat and completions, the model list, health, and vLLM's ``/tokenize``.
+"""The HTTP API's routes: OpenAI's chat and completions, the model list, health, and vLLM's ``/tokenize`` and
+``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``.
 
 Each generation call: the server must be serving (503 otherwise), the model known (404), the request valid (400,
 naming the field); then its engine requests are submitted (429 when the waiting queue is full), and the answer is
@@ -18,11 +19,14 @@ from glmserve.engine.entrypoints.http import chat_api, completions_api
 from glmserve.engine.entrypoints.http.chat_api import chat_messages, chat_tools
 from glmserve.engine.entrypoints.http.errors import ApiError, bad_request, error_body, error_for
 from glmserve.engine.entrypoints.http.logprobs import TokenText
-from glmserve.engine.entrypoints.http.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from glmserve.engine.core.adapters import AdapterKind
+from glmserve.engine.entrypoints.http.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoraAdapterRequest,
+                                                       TokenizeRequest, UnloadLoraAdapterRequest)
 from glmserve.engine.entrypoints.http.streaming import ClientDisconnected, EventStream, json_body, until_disconnect
 from glmserve.engine.entrypoints.serving_state import ServingState, Status
 
 REQUEST_ID_HEADER = "x-request-id"
+_ADAPTER_FIELDS = {"adapter": "lora_name", "adapter_path": "lora_path"}
 MAX_REQUEST_ID_CHARS = 256
 CLIENT_CLOSED = 499
 _UNAVAILABLE = {
@@ -60,6 +64,8 @@ class Routes:
         router.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         router.add_api_route("/v1/completions", self.completions, methods=["POST"])
         router.add_api_route("/tokenize", self.tokenize, methods=["POST"])
+        router.add_api_route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"])
+        router.add_api_route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"])
         return router
 
     # ---- helpers ------------------------------------------------------------------------------------------------
@@ -145,6 +151,28 @@ class Routes:
             return json_response({"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids})
         except Exception as exc:  # noqa: BLE001
             return error_response(error_for(exc, {"prompt": "messages"} if body.messages else None))
+
+    async def load_lora_adapter(self, body: LoadLoraAdapterRequest) -> Response:
+        """vLLM's route: load a fine-tune under a name; requests then name it in ``model``. Answers in plain text,
+        as vLLM does (errors in OpenAI's JSON shape)."""
+        try:
+            engine = self.state.ready(new_work=True)
+            if not body.lora_name.strip() or body.lora_name == self.model_name:
+                raise bad_request("lora_name", f"lora_name: {body.lora_name!r} cannot name a fine-tune "
+                                               "(empty, or the served model's own name)")
+            kind = None if body.kind is None else AdapterKind(body.kind)
+            await engine.load_adapter(body.lora_name, body.lora_path, kind)
+            return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+        except Exception as exc:  # noqa: BLE001
+            return error_response(error_for(exc, _ADAPTER_FIELDS))
+
+    async def unload_lora_adapter(self, body: UnloadLoraAdapterRequest) -> Response:
+        """Refused (409) while requests still use it, as over gRPC (FAILED_PRECONDITION)."""
+        try:
+            await self.state.ready().unload_adapter(body.lora_name)
+            return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
+        except Exception as exc:  # noqa: BLE001
+            return error_response(error_for(exc, _ADAPTER_FIELDS))
 
     # ---- one generation call ------------------------------------------------------------------------------------
     async def _generate(self, request: Request, stream: bool, field_names: dict[str, str],
