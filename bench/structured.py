@@ -5,7 +5,8 @@ and the compile time of each schema, cold and cached.
 
 Throughput: ``--batch`` requests (random prompts of ``--prompt-len`` tokens) decode ``--output-len`` tokens each,
 all in one batch, free ("none") and constrained ("constrained") in alternating rounds after one warm-up round of
-each; the figure is output tokens over wall time, median of the rounds, and the loss is 1 - constrained / none.
+each; the figure is output tokens over wall time, median of the rounds, and the loss is the median over the rounds
+of 1 - constrained / none, each round's pair run back to back (a machine whose speed drifts shifts both alike).
 On a busy machine the rounds vary more than the grammar costs, so the constrained rounds also time the grammar's
 own work (filling the bitmask, unpacking it, advancing the matchers; the mask itself is applied in the float32
 copy of the logits that the sampler makes anyway) and report its share of their wall time: the loss that noise
@@ -89,7 +90,7 @@ class StructuredResult:
     constrained_tokens_per_s: list[float] = field(default_factory=list)
     none_median: float = 0.0
     constrained_median: float = 0.0
-    loss: float = 0.0                       # 1 - constrained / none
+    loss: float = 0.0                       # median over the rounds of 1 - constrained / none (same round)
     grammar_ms_per_step: dict[str, float] = field(default_factory=dict)   # fill / apply / advance
     grammar_share: float = 0.0              # of the constrained rounds' wall time
     vocabulary_setup_ms: float = 0.0
@@ -166,7 +167,8 @@ def measure(args: argparse.Namespace, schema: dict) -> StructuredResult:
     result.grammar_share = round(sum(timers.seconds.values()) / constrained_seconds, 4)
     result.none_median = statistics.median(result.none_tokens_per_s)
     result.constrained_median = statistics.median(result.constrained_tokens_per_s)
-    result.loss = round(1 - result.constrained_median / result.none_median, 4)
+    result.loss = round(statistics.median(1 - c / n for n, c in zip(result.none_tokens_per_s,
+                                                                     result.constrained_tokens_per_s)), 4)
     result.vocabulary_setup_ms, result.compile = compile_times(llm.engine)
     result.load_average = round(load_average(), 2)
     return result
@@ -239,7 +241,8 @@ def report(r: StructuredResult) -> str:
              f"  none         {r.none_median:9.1f} tok/s  (rounds: {', '.join(map(str, r.none_tokens_per_s))})",
              f"  constrained  {r.constrained_median:9.1f} tok/s  "
              f"(rounds: {', '.join(map(str, r.constrained_tokens_per_s))})",
-             f"  loss         {r.loss * 100:8.1f} %  (the rounds' spread is the noise of this machine)",
+             f"  loss         {r.loss * 100:8.1f} %  (median of the rounds' paired losses; their spread is this "
+             "machine's noise)",
              f"  grammar work {r.grammar_share * 100:8.1f} % of the constrained rounds' time; per step: "
              + ", ".join(f"{k} {v:.2f} ms" for k, v in r.grammar_ms_per_step.items()),
              f"compile (vocabulary set up once: {r.vocabulary_setup_ms:.1f} ms)",
