@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from glmserve.engine.core.outputs import CompletionOutput
-from glmserve.engine.entrypoints.http.errors import bad_request, error_body, error_for
+from glmserve.engine.entrypoints.http.errors import bad_request
 from glmserve.engine.entrypoints.http.generation import ChoiceDelta, EnginePrompt, Generation
 from glmserve.engine.entrypoints.http.logprobs import TokenText, chat_logprobs
 from glmserve.engine.entrypoints.http.protocol import ChatCompletionRequest, Message, Tool, ToolCallIn
 from glmserve.engine.entrypoints.http.reply_gate import ReplyGate
 from glmserve.engine.entrypoints.http.sampling import include_usage, sampling_params
-from glmserve.engine.entrypoints.http.streaming import DONE, sse
+from glmserve.engine.entrypoints.http.streaming import answer_events, sse
 from glmserve.engine.entrypoints.http.structured import field_names as structured_field_names
 from glmserve.engine.entrypoints.serving_state import ServingState
 from glmserve.engine.structured.tool_call_grammar import ToolChoice
@@ -220,19 +220,17 @@ async def stream(call: ChatCall) -> AsyncIterator[bytes]:
         yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None})
     held_logprobs: dict[int, list[CompletionOutput]] = {}
-    try:
+
+    async def choices() -> AsyncIterator[bytes]:
         async for batch in call.generation.choices():
             for choice_delta in batch:
                 choice = _stream_choice(call, choice_delta, held_logprobs)
                 if choice is not None:
                     yield chunk(choice)
-    except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-        error = error_for(exc)
-        yield sse(error_body(error.message, error.type, error.param, error.code))
-        return
-    if call.include_usage:
-        yield sse({**base, "choices": [], "usage": call.generation.usage().to_json()})
-    yield DONE
+    def usage() -> dict:
+        return {**base, "choices": [], "usage": call.generation.usage().to_json()}
+    async for event in answer_events(choices(), usage if call.include_usage else None):
+        yield event
 
 
 def _stream_choice(call: ChatCall, d: ChoiceDelta, held: dict[int, list[CompletionOutput]]) -> dict | None:

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from glmserve.engine.core.outputs import CompletionOutput
-from glmserve.engine.entrypoints.http.errors import bad_request, error_body, error_for
+from glmserve.engine.entrypoints.http.errors import bad_request
 from glmserve.engine.entrypoints.http.generation import ChoiceDelta, EnginePrompt, Generation
 from glmserve.engine.entrypoints.http.logprobs import TokenText, completion_logprobs
 from glmserve.engine.entrypoints.http.protocol import CompletionRequest
 from glmserve.engine.entrypoints.http.sampling import include_usage, sampling_params
-from glmserve.engine.entrypoints.http.streaming import DONE, sse
+from glmserve.engine.entrypoints.http.streaming import answer_events, sse
 from glmserve.engine.entrypoints.http.structured import field_names as structured_field_names
 from glmserve.engine.entrypoints.serving_state import ServingState
 from glmserve.engine.text.tokenizer import ChatGLMTokenizer
@@ -119,19 +119,17 @@ async def stream(call: CompletionCall) -> AsyncIterator[bytes]:
     if call.include_usage:
         base["usage"] = None
     offsets: dict[int, int] = {}
-    try:
+
+    async def choices() -> AsyncIterator[bytes]:
         async for batch in call.generation.choices():
             for d in batch:
                 if _worth_sending(call, d):
                     finish = d.result.finish_reason if d.result is not None else None
                     yield sse({**base, "choices": [_choice(call, d.index, d.delta, finish, offsets)]})
-    except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-        error = error_for(exc)
-        yield sse(error_body(error.message, error.type, error.param, error.code))
-        return
-    if call.include_usage:
-        yield sse({**base, "choices": [], "usage": call.generation.usage().to_json()})
-    yield DONE
+    def usage() -> dict:
+        return {**base, "choices": [], "usage": call.generation.usage().to_json()}
+    async for event in answer_events(choices(), usage if call.include_usage else None):
+        yield event
 
 
 def _worth_sending(call: CompletionCall, d: ChoiceDelta) -> bool:

@@ -14,6 +14,8 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from glmserve.engine.entrypoints.http.errors import error_body, error_for
+
 DONE = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
@@ -24,6 +26,21 @@ class ClientDisconnected(Exception):
 
 def sse(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def answer_events(chunks: AsyncIterator[bytes], usage: Callable[[], dict] | None) -> AsyncIterator[bytes]:
+    """A streamed answer's events: its chunks, then the chunk ``usage()`` builds (``include_usage``), then
+    ``[DONE]``. An error once the status line is sent can only go in the stream: as OpenAI's error body, last."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an error event
+        error = error_for(exc)
+        yield sse(error_body(error.message, error.type, error.param, error.code))
+        return
+    if usage is not None:
+        yield sse(usage())
+    yield DONE
 
 
 def json_body(payload: dict) -> bytes:
