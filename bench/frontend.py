@@ -43,6 +43,7 @@ from glmserve.engine.entrypoints.server_options import ServerOptions
 from glmserve.engine.entrypoints.server_thread import ServerThread
 from glmserve.engine.runtime.async_engine import AsyncEngine
 from glmserve.engine.runtime.core_client import ProcessEngineCore
+from glmserve.engine.runtime.cpu_placement import bind_this_process, plan_cpu_placement
 from glmserve.engine.runtime.messages import StepDone
 
 
@@ -53,14 +54,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every level and mode, taking turns; medians are reported")
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--min-streams", type=int, default=8,
+                        help="streams per run at least: a level below it runs this many, that many at a time "
+                             "(one 128-token stream lasts ~0.1 s on glm-tiny: too short to time) (default: "
+                             "%(default)s)")
     parser.add_argument("--modes", default="engine,grpc,http",
                         help="comma-separated modes to run (engine is the baseline the others are compared with)")
     parser.add_argument("--attention-backend", default="auto", help="of the engine core (default: as serve runs)")
     parser.add_argument("--stream-interval-ms", type=float, default=ServerOptions.stream_interval_ms,
                         help="the streams' message interval, in every mode (default: serve's, %(default)s)")
+    parser.add_argument("--max-stream-messages-per-s", type=float,
+                        default=ServerOptions.max_stream_messages_per_s,
+                        help="the streams' message budget, in every mode (default: serve's, %(default)s)")
     parser.add_argument("--frontend-cpus", type=int, default=ServerOptions.frontend_cpus,
-                        help="cores the engine cores leave to this process, in every mode (default: serve's, "
-                             "%(default)s)")
+                        help="cores reserved for this process (and its clients), the engine cores bound to the "
+                             "others, in every mode, as serve places them (default: serve's, %(default)s)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
 
 
@@ -81,6 +89,7 @@ class ModeResult:
     # barely moves when other programs compete for the machine.
     frontend_cpu_ms_per_ktok: float = 0.0
     client_cpu_ms_per_ktok: float | None = None
+    tokens_per_message: float = 0.0   # streamed tokens over the messages (chunks) that carried them
 
 
 @dataclass
@@ -102,11 +111,12 @@ class FrontendResult:
 
     def table(self) -> str:
         lines = [f"{'mode':<7} {'streams':>7} {'tokens/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-                 f"{'frontend CPU ms/ktok':>21} {'client CPU ms/ktok':>19}"]
+                 f"{'frontend CPU ms/ktok':>21} {'client CPU ms/ktok':>19} {'tokens/msg':>11}"]
         for r in self.results:
             client = "-" if r.client_cpu_ms_per_ktok is None else f"{r.client_cpu_ms_per_ktok:.0f}"
             lines.append(f"{r.mode:<7} {r.concurrency:>7} {r.tokens_per_s:>10.0f} {r.chunk_latency_p50_ms:>8.2f} "
-                         f"{r.chunk_latency_p99_ms:>8.2f} {r.frontend_cpu_ms_per_ktok:>21.0f} {client:>19}")
+                         f"{r.chunk_latency_p99_ms:>8.2f} {r.frontend_cpu_ms_per_ktok:>21.0f} {client:>19} "
+                         f"{r.tokens_per_message:>11.1f}")
         lines.append("")
         lines.append(f"{'mode':<7} {'streams':>7} {'added p50 ms':>13} {'added p99 ms':>13} {'mode/engine tok/s':>18}")
         for c in self.cost:
@@ -153,14 +163,20 @@ def _prompts(count: int, length: int, vocab: int, salt: int) -> list[list[int]]:
     return [[3 + (salt * 7919 + i * 104729 + j * 31) % (vocab - 3) for j in range(length)] for i in range(count)]
 
 
-async def _gather_streams(concurrency: int, one_stream) -> tuple[dict[str, Chunks], float]:
+async def _gather_streams(count: int, concurrency: int, one_stream) -> tuple[dict[str, Chunks], float]:
+    """``count`` streams, ``concurrency`` at a time (a new one starts as soon as one ends)."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def limited(i: int) -> tuple[str, Chunks]:
+        async with slots:
+            return await one_stream(i)
     start = time.monotonic()
-    streams = await asyncio.gather(*(one_stream(i) for i in range(concurrency)))
+    streams = await asyncio.gather(*(limited(i) for i in range(count)))
     return dict(streams), time.monotonic() - start
 
 
 # ---- the engine mode: AsyncEngine's streams read in this process ---------------------------------------------------
-async def _engine_streams(engine: AsyncEngine, prompts: list[list[int]], max_tokens: int,
+async def _engine_streams(engine: AsyncEngine, prompts: list[list[int]], concurrency: int, max_tokens: int,
                           salt: int) -> tuple[dict[str, Chunks], float]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
@@ -169,55 +185,68 @@ async def _engine_streams(engine: AsyncEngine, prompts: list[list[int]], max_tok
         async for out in await engine.generate(request_id, prompts[i], params):
             chunks.append((time.monotonic(), len(out.outputs[0].token_ids)))
         return request_id, chunks
-    return await _gather_streams(len(prompts), one_stream)
+    return await _gather_streams(len(prompts), concurrency, one_stream)
 
 
 # ---- the grpc and http modes: a client in a process of its own -----------------------------------------------------
-async def _grpc_client_streams(target: str, prompts: list[list[int]], max_tokens: int,
-                               salt: int) -> tuple[dict[str, Chunks], float]:
-    async with AsyncGenerationClient(target) as client:
-        async def one_stream(i: int) -> tuple[str, Chunks]:
-            request_id, chunks = f"g{salt}-{i}", []
-            async for chunk in client.generate(prompt_token_ids=prompts[i], request_id=request_id,
-                                               max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
-                chunks.append((time.monotonic(), len(chunk.token_ids)))
-            return request_id, chunks
-        return await _gather_streams(len(prompts), one_stream)
+async def _grpc_client_streams(client: AsyncGenerationClient, prompts: list[list[int]], concurrency: int,
+                               max_tokens: int, salt: int) -> tuple[dict[str, Chunks], float]:
+    async def one_stream(i: int) -> tuple[str, Chunks]:
+        request_id, chunks = f"g{salt}-{i}", []
+        async for chunk in client.generate(prompt_token_ids=prompts[i], request_id=request_id,
+                                           max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
+            chunks.append((time.monotonic(), len(chunk.token_ids)))
+        return request_id, chunks
+    return await _gather_streams(len(prompts), concurrency, one_stream)
 
 
-async def _http_client_streams(base_url: str, prompts: list[list[int]], max_tokens: int,
+async def _http_client_streams(session, prompts: list[list[int]], concurrency: int, max_tokens: int,
                                salt: int) -> tuple[dict[str, Chunks], float]:
-    """Streamed /v1/completions, one connection per stream (as OpenAI clients do), the SSE lines parsed as they
-    come; the server sends each chunk's token ids (``return_token_ids``)."""
+    """Streamed /v1/completions, one connection per stream at a time (as OpenAI clients do: a pool of kept-alive
+    connections), the SSE lines parsed as they come; the server sends each chunk's token ids
+    (``return_token_ids``)."""
+    async def one_stream(i: int) -> tuple[str, Chunks]:
+        request_id, chunks = f"h{salt}-{i}", []
+        body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "stream": True, "return_token_ids": True}
+        async with session.post("completions", json=body, headers={"x-request-id": request_id}) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    break
+                tokens = json.loads(payload)["choices"][0]["token_ids"]
+                chunks.append((time.monotonic(), len(tokens)))
+        return request_id, chunks
+    return await _gather_streams(len(prompts), concurrency, one_stream)
+
+
+async def _open_client(mode: str, address: str):
+    """The client a process keeps for all its jobs, as a real client keeps its channel or connection pool: the
+    connections are made once (the warm-up run), not inside a measured run."""
+    if mode == "grpc":
+        client = AsyncGenerationClient(address)
+        await client.health()
+        return client, client.close
     import aiohttp
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def one_stream(i: int) -> tuple[str, Chunks]:
-            request_id, chunks = f"h{salt}-{i}", []
-            body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                    "stream": True, "return_token_ids": True}
-            async with session.post(f"{base_url}/completions", json=body,
-                                    headers={"x-request-id": request_id}) as response:
-                response.raise_for_status()
-                async for line in response.content:
-                    if not line.startswith(b"data: "):
-                        continue
-                    payload = line[6:].strip()
-                    if payload == b"[DONE]":
-                        break
-                    tokens = json.loads(payload)["choices"][0]["token_ids"]
-                    chunks.append((time.monotonic(), len(tokens)))
-            return request_id, chunks
-        return await _gather_streams(len(prompts), one_stream)
+    session = aiohttp.ClientSession(base_url=address.rstrip("/") + "/", connector=aiohttp.TCPConnector(limit=0))
+    return session, session.close
 
 
 def _client_worker(mode: str, address: str, conn) -> None:
-    """A client process: runs each job it is sent (prompts, max_tokens, salt) and sends back what it received, the
-    wall time and its own CPU time."""
+    """A client process: runs each job it is sent (prompts, concurrency, max_tokens, salt) on one event loop and
+    one client, and sends back what it received, the wall time and its own CPU time."""
     streams = _grpc_client_streams if mode == "grpc" else _http_client_streams
+    loop = asyncio.new_event_loop()
+    client, close = loop.run_until_complete(_open_client(mode, address))
     while (job := conn.recv()) is not None:
         cpu = time.process_time()
-        received, wall = asyncio.run(streams(address, *job))
+        received, wall = loop.run_until_complete(streams(client, *job))
         conn.send((received, wall, time.process_time() - cpu))
+    loop.run_until_complete(close())
+    loop.close()
     conn.close()
 
 
@@ -232,10 +261,10 @@ class _ClientProcess:
         self._process.start()
         child.close()
 
-    def streams(self, prompts: list[list[int]], max_tokens: int,
+    def streams(self, prompts: list[list[int]], concurrency: int, max_tokens: int,
                 salt: int) -> tuple[dict[str, Chunks], float, float]:
         """(what the client received, its wall time, its CPU time)."""
-        self._conn.send((prompts, max_tokens, salt))
+        self._conn.send((prompts, concurrency, max_tokens, salt))
         return self._conn.recv()
 
     def close(self) -> None:
@@ -246,11 +275,13 @@ class _ClientProcess:
 def _mode_result(mode: str, concurrency: int, received: dict[str, Chunks], wall: float,
                  emitted: dict[str, list[float]], frontend_cpu_s: float, client_cpu_s: float | None) -> ModeResult:
     tokens = sum(count for chunks in received.values() for _, count in chunks)
+    messages = sum(len(chunks) for chunks in received.values())
     latencies = _latencies(emitted, received)
     per_ktok = 1e6 / tokens if tokens else 0.0
     return ModeResult(mode, concurrency, tokens, wall, tokens / wall if wall else 0.0,
                       1000 * percentile(latencies, 0.50), 1000 * percentile(latencies, 0.99),
-                      frontend_cpu_s * per_ktok, None if client_cpu_s is None else client_cpu_s * per_ktok)
+                      frontend_cpu_s * per_ktok, None if client_cpu_s is None else client_cpu_s * per_ktok,
+                      tokens / messages if messages else 0.0)
 
 
 def _engine_config(args, levels: list[int]) -> EngineConfig:
@@ -269,25 +300,48 @@ def measure(args: argparse.Namespace) -> FrontendResult:
         raise ValueError(f"--modes: expected engine and any of grpc, http; got {args.modes!r}")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.min_streams < 1:
+        raise ValueError(f"--min-streams must be >= 1, got {args.min_streams}")
     config = _engine_config(args, levels)
     result = FrontendResult(settings={k: v for k, v in vars(args).items() if k != "func"},
                             machine=asdict(machine_info()))
+    # Cores as `glmserve serve` places them: the engine cores on theirs, this process on the frontend's, and the
+    # client processes it starts with it (they inherit its binding), so a client's CPU is taken from the
+    # frontend's share, never from the engine's, as a client on another machine would take nothing.
+    placement = plan_cpu_placement(str(config.device), args.frontend_cpus)
+    result.settings["cpus"] = {} if placement is None else {"engine": sorted(placement.engine),
+                                                           "frontend": sorted(placement.frontend)}
+    cores_before = None if placement is None else bind_this_process(placement.frontend)
+    try:
+        runs = _run_rounds(args, config, levels, modes, None if placement is None else placement.engine)
+    finally:
+        if cores_before is not None:     # measure() may run inside a larger program (the tests)
+            bind_this_process(cores_before)
+    return _summarize(result, runs, levels, modes)
+
+
+def _run_rounds(args: argparse.Namespace, config: EngineConfig, levels: list[int], modes: list[str],
+                engine_cpus: frozenset[int] | None) -> dict[tuple[str, int], list[ModeResult]]:
     interval = args.stream_interval_ms / 1000
     protocols = [m for m in MODES[1:] if m in modes]
 
     # Two engine cores on the same config: one read in this process (the engine mode), one behind the server both
     # protocols share, as `glmserve serve` runs them. An idle engine core sleeps on its pipe, so the modes can take
     # turns within each round: a machine whose speed drifts then shifts every mode alike.
-    engine = AsyncEngine(ProcessEngineCore(config, frontend_cpus=args.frontend_cpus).wait_ready(),
-                         stream_interval=interval)
+    def start_engine_core() -> ProcessEngineCore:
+        return ProcessEngineCore(config, frontend_cpus=args.frontend_cpus, engine_cpus=engine_cpus).wait_ready()
+
+    engine = AsyncEngine(start_engine_core(),
+                         stream_interval=interval, max_messages_per_s=args.max_stream_messages_per_s)
     engine_emits = _EmitTimes()
     engine.step_listeners.append(engine_emits)
     server = clients = None
     try:
         if protocols:
             server = ServerThread(ServerOptions(host="127.0.0.1", port=0, http_port=0 if "http" in protocols else None,
-                                                metrics_port=None, stream_interval_ms=args.stream_interval_ms),
-                                  ProcessEngineCore(config, frontend_cpus=args.frontend_cpus).wait_ready)
+                                                metrics_port=None, stream_interval_ms=args.stream_interval_ms,
+                                                max_stream_messages_per_s=args.max_stream_messages_per_s),
+                                  start_engine_core)
             server_emits = _EmitTimes()
             server.server.async_engine.step_listeners.append(server_emits)
             clients = {mode: _ClientProcess(mode, server) for mode in protocols}
@@ -296,13 +350,13 @@ def measure(args: argparse.Namespace) -> FrontendResult:
 
         def run_mode(mode: str, concurrency: int) -> ModeResult:
             salt = next(salts)               # distinct prompts for every run: no prefix-cache hits between runs
-            prompts = _prompts(concurrency, args.prompt_len, vocab, salt)
+            prompts = _prompts(max(concurrency, args.min_streams), args.prompt_len, vocab, salt)
             cpu = time.process_time()
             if mode == "engine":
-                received, wall = asyncio.run(_engine_streams(engine, prompts, args.max_tokens, salt))
+                received, wall = asyncio.run(_engine_streams(engine, prompts, concurrency, args.max_tokens, salt))
                 return _mode_result(mode, concurrency, received, wall, engine_emits.times,
                                     time.process_time() - cpu, None)
-            received, wall, client_cpu = clients[mode].streams(prompts, args.max_tokens, salt)
+            received, wall, client_cpu = clients[mode].streams(prompts, concurrency, args.max_tokens, salt)
             return _mode_result(mode, concurrency, received, wall, server_emits.times, time.process_time() - cpu,
                                 client_cpu)
 
@@ -321,7 +375,12 @@ def measure(args: argparse.Namespace) -> FrontendResult:
         if server is not None:
             server.close()
         asyncio.run(engine.shutdown())
+    return runs
 
+
+def _summarize(result: FrontendResult, runs: dict[tuple[str, int], list[ModeResult]], levels: list[int],
+               modes: list[str]) -> FrontendResult:
+    protocols = [m for m in MODES[1:] if m in modes]
     for mode in modes:
         for concurrency in levels:
             result.results.append(_median_run(runs[mode, concurrency]))

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from glmserve.engine.runtime.async_engine import AsyncEngine, _coalesce
+from glmserve.engine.runtime.async_engine import AsyncEngine, _coalesce, _Stream
 from glmserve.engine.runtime.core_client import InprocEngineCore
 from glmserve.engine.core.errors import DuplicateRequestError, RequestError
 from glmserve.engine.core.outputs import CompletionOutput, RequestOutput
@@ -137,3 +137,81 @@ def test_a_stream_interval_joins_the_tokens_of_that_time_into_one_delta(tiny_che
     assert len(deltas[0]) == 1 and sum(map(len, deltas)) == 60
     assert len(deltas) <= 2 + elapsed / interval
     assert_no_leaks(engine)
+
+
+def test_a_closing_delta_is_never_held(tiny_checkpoint):
+    """However long the interval, a stream's first delta and its closing one go out at once: a 5-token stream
+    under a 30 s interval is two messages, done long before the interval is."""
+    engine = make_engine(str(tiny_checkpoint))
+
+    async def scenario():
+        async_engine = AsyncEngine(InprocEngineCore(engine), stream_interval=30.0)
+        try:
+            start = time.monotonic()
+            deltas = [d.outputs[0] async for d in await async_engine.generate(
+                "short", [5, 6, 7], SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0))]
+            return deltas, time.monotonic() - start
+        finally:
+            await async_engine.shutdown()
+
+    deltas, elapsed = asyncio.run(scenario())
+    assert [len(d.token_ids) for d in deltas] == [1, 4] and deltas[-1].finish_reason == "length"
+    assert elapsed < 30
+    assert_no_leaks(engine)
+
+
+def test_the_message_budget_stretches_every_streams_interval(tiny_checkpoint):
+    """max_messages_per_s bounds the messages of all streams together: 4 streams at 50 messages/s send one
+    message per 4/50 = 80 ms each at most (besides the first and the closing one), and every token arrives."""
+    engine = make_engine(str(tiny_checkpoint))
+    streams, budget = 4, 50.0
+
+    async def scenario():
+        async_engine = AsyncEngine(InprocEngineCore(engine), stream_interval=0.0, max_messages_per_s=budget)
+        try:
+            assert async_engine.message_interval() == 0.0          # no stream in flight: no stretching
+            start = time.monotonic()
+
+            async def one(i):
+                return [len(d.outputs[0].token_ids) async for d in await async_engine.generate(
+                    f"s{i}", [5, 6, 7 + i], SamplingParams(max_tokens=40, min_tokens=40, temperature=0.0))]
+            counts = await asyncio.gather(*(one(i) for i in range(streams)))
+            return counts, time.monotonic() - start
+        finally:
+            await async_engine.shutdown()
+
+    counts, elapsed = asyncio.run(scenario())
+    for per_message in counts:
+        assert sum(per_message) == 40 and per_message[0] == 1
+        assert len(per_message) <= 3 + elapsed / (streams / budget)
+    assert_no_leaks(engine)
+
+
+def test_a_held_delta_goes_out_on_its_own_when_no_step_follows():
+    """Held deltas normally leave with the first step after their time is up; if none comes (the request stopped
+    getting tokens), a timer hands them over after another interval."""
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop())
+        stream.handed_out(0.05)
+        stream.put(_delta(0, [1], "a"))
+        stream.put(_delta(0, [2], "b"))
+        start = time.monotonic()
+        items = await asyncio.wait_for(stream.take(), 10)
+        return items, time.monotonic() - start
+
+    items, waited = asyncio.run(scenario())
+    assert [item.outputs[0].token_ids for item in items] == [[1], [2]]
+    assert waited >= 0.05           # held for the interval at least, not handed over at once
+
+
+def test_an_error_is_never_held():
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop())
+        stream.handed_out(60.0)
+        stream.put(_delta(0, [1], "a"))
+        error = RuntimeError("the step failed")
+        stream.put(error)
+        return await asyncio.wait_for(stream.take(), 10), error
+
+    items, error = asyncio.run(scenario())
+    assert items[-1] is error and len(items) == 2

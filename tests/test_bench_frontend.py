@@ -1,9 +1,10 @@
 """``glmserve-bench frontend`` end to end on a small setting: every mode runs, the table and the JSON come out."""
 from __future__ import annotations
 
-import pytest
-
 import json
+import os
+
+import pytest
 
 from glmserve.bench import frontend
 
@@ -12,12 +13,16 @@ pytestmark = pytest.mark.subprocess
 
 def test_frontend_benchmark_runs_every_mode(tmp_path, capsys):
     out = tmp_path / "results" / "frontend.json"   # a folder that does not exist yet: the benchmark makes it
-    assert frontend.main(["--concurrency", "1,4", "--max-tokens", "4", "--prompt-len", "8", "--rounds", "2", "--out", str(out)]) == 0
+    cores = os.sched_getaffinity(0)
+    assert frontend.main(["--concurrency", "1,4", "--max-tokens", "4", "--prompt-len", "8", "--rounds", "2",
+                          "--min-streams", "2", "--out", str(out)]) == 0
+    assert os.sched_getaffinity(0) == cores       # the benchmark binds itself to the frontend's cores, then back
     result = json.loads(out.read_text())
     rows = {(r["mode"], r["concurrency"]): r for r in result["results"]}
     assert set(rows) == {(mode, c) for mode in ("engine", "grpc", "http") for c in (1, 4)}
     for r in rows.values():
-        assert r["tokens"] == 4 * r["concurrency"]
+        assert r["tokens"] == 4 * max(2, r["concurrency"])     # at least --min-streams streams a run
+        assert 1 <= r["tokens_per_message"] <= 4
         assert r["tokens_per_s"] > 0 and 0 <= r["chunk_latency_p50_ms"] <= r["chunk_latency_p99_ms"]
         assert r["frontend_cpu_ms_per_ktok"] > 0
         assert (r["client_cpu_ms_per_ktok"] is None) == (r["mode"] == "engine")

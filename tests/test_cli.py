@@ -105,6 +105,12 @@ def test_serve_refuses_a_backend_that_cannot_run_before_binding(capsys, monkeypa
     assert "serving on" not in out      # refused before the port is bound, like a bad --model
 
 
+def test_serve_refuses_a_negative_message_budget(capsys):
+    code, out, err = _run_cli(capsys, "serve", "--model", "glm-tiny", "--max-stream-messages-per-s", "-1",
+                              "--port", "0")
+    assert code == 2 and "--max-stream-messages-per-s must be >= 0, got -1" in err and "serving on" not in out
+
+
 def test_serve_refuses_a_bad_stream_interval(capsys):
     code, out, err = _run_cli(capsys, "serve", "--model", "glm-tiny", "--stream-interval-ms", "-5", "--port", "0")
     assert code == 2 and "--stream-interval-ms must be in [0, 1000]" in err and "serving on" not in out

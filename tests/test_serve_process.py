@@ -64,6 +64,33 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(serve_process):
     assert "glmserve: drained 3 in-flight requests, exiting" in proc.lines
 
 
+def test_serve_binds_the_engine_core_and_the_frontend_to_their_own_cores(serve_process, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("one core: nothing to split between the engine core and the frontend")
+    proc = serve_process("--frontend-cpus", "1")
+    try:
+        proc.wait_for_line("glmserve: ready")        # the engine core binds itself first thing, before it loads
+        engine = os.sched_getaffinity(proc.engine_core_pid)
+        frontend = {cpu for tid in os.listdir(f"/proc/{proc.proc.pid}/task")
+                    for cpu in os.sched_getaffinity(int(tid))}      # every thread of the frontend process
+        assert engine == set(cores[:-1]) and frontend == {cores[-1]}
+        assert proc.engine_core_line.endswith(f"on CPUs {','.join(map(str, cores[:-1]))}, the frontend on CPUs "
+                                              f"{cores[-1]}")
+    finally:
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(30) == 0
+    proc = serve_process("--frontend-cpus", "0")                   # 0: no binding, the engine takes every core
+    try:
+        proc.wait_for_line("glmserve: ready")
+        assert os.sched_getaffinity(proc.engine_core_pid) == set(cores)
+        assert proc.engine_core_line.split()[-1] == str(proc.engine_core_pid)
+    finally:
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(30) == 0
+
+
 def test_drain_timeout_cancels_what_is_left_and_exits_0(serve_process):
     proc = serve_process("--drain-timeout", "0.3", "--metrics-port", "-1")
     assert proc.metrics_port is None

@@ -15,6 +15,9 @@ class ServerOptions:
     max_waiting_requests: int | None = None
     # A stream's message carries the tokens of at least this long (its first token excepted): see AsyncEngine.
     stream_interval_ms: float = 20.0
+    # All streams together send at most about this many messages a second (0: no limit): past interval x rate
+    # streams in flight, each stream's interval grows to streams / rate. See AsyncEngine.
+    max_stream_messages_per_s: float = 4000.0
     # CPU cores the engine core's torch threads leave to this frontend process (CPU device; core_process.py).
     frontend_cpus: int = 1
     api_key: str | None = None           # both protocols: 'authorization: Bearer KEY'
@@ -36,6 +39,8 @@ class ServerOptions:
             raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         if not 0 <= self.stream_interval_ms <= 1000:
             raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
+        if self.max_stream_messages_per_s < 0:
+            raise ValueError(f"--max-stream-messages-per-s must be >= 0, got {self.max_stream_messages_per_s}")
         if self.frontend_cpus < 0:
             raise ValueError(f"--frontend-cpus must be >= 0, got {self.frontend_cpus}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:

@@ -69,7 +69,8 @@ class ModelServer:
         answered, then serve."""
         loop = asyncio.get_running_loop()
         client = await loop.run_in_executor(None, start_engine_core)
-        async_engine = AsyncEngine(client, self.options.max_waiting_requests, self.options.stream_interval_ms / 1000)
+        async_engine = AsyncEngine(client, self.options.max_waiting_requests, self.options.stream_interval_ms / 1000,
+                                   self.options.max_stream_messages_per_s)
         info = async_engine.info
         self.metrics.describe_engine(info, async_engine.stats())
         async_engine.step_listeners.append(self.metrics.on_step)

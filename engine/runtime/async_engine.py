@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from glmserve.engine.core.errors import DuplicateRequestError, EngineDeadError, EngineStepError, QueueFullError
@@ -33,20 +32,90 @@ log = logging.getLogger(__name__)
 StepListener = Callable[[StepDone], None]
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    """A request's deltas on their way to its reader, on the reader's event loop.
+
+    The event thread hands each step's items over with one hop per loop (``_put_all``); the reader takes all that
+    is pending at once. After a message, what comes next is held for ``hold`` seconds, so the tokens of that time
+    travel as one message, unless it closes a sample or is an error (nothing would join it then). Held deltas go
+    out with the first step after their time is up, so the streams of a batch send together, in one burst per
+    step, rather than each at its own moment: a burst costs the protocol stack far less per message (one wake-up
+    of the loop and the sockets for all of them). A timer sends them anyway if no step comes within another
+    ``hold`` (the request stopped getting tokens, say while preempted).
+    """
+
+    __slots__ = ("loop", "pending", "due", "hold", "urgent", "waiter", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list = []
+        self.due = 0.0               # time.monotonic() before which pending deltas are held (0: the first, at once)
+        self.hold = 0.0              # the interval `due` was set with
+        self.urgent = False          # something pending must go at once
+        self.waiter: asyncio.Future | None = None      # the reader, waiting in take()
+        self.timer: asyncio.TimerHandle | None = None  # the fallback: wakes the reader if no step comes
+
+    def put(self, item) -> None:
+        """On the loop: one delta or error for the reader."""
+        self.pending.append(item)
+        if not isinstance(item, RequestOutput) or any(o.finish_reason is not None for o in item.outputs):
+            self.urgent = True
+        self._wake_if_due()
+
+    def _ready(self, now: float) -> bool:
+        return bool(self.pending) and (self.urgent or now >= self.due)
+
+    def _wake_if_due(self) -> None:
+        if self.waiter is None or self.waiter.done() or not self.pending:
+            return
+        now = time.monotonic()
+        if self._ready(now):
+            self.waiter.set_result(None)
+        elif self.timer is None:
+            self.timer = self.loop.call_later(self.due + self.hold - now, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.waiter is not None and not self.waiter.done() and self.pending:
+            self.waiter.set_result(None)
+
+    async def take(self) -> list:
+        """Wait until what is pending may go out, and take it all."""
+        if not self._ready(time.monotonic()):
+            self.waiter = self.loop.create_future()
+            try:
+                self._wake_if_due()           # deltas held already need the fallback timer
+                await self.waiter
+            finally:
+                self.waiter = None
+        self.cancel_timer()
+        items, self.pending, self.urgent = self.pending, [], False
+        return items
+
+    def handed_out(self, hold: float) -> None:
+        """A message has gone: hold what comes next for ``hold`` seconds."""
+        self.hold = hold
+        self.due = time.monotonic() + hold
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class AsyncEngine:
     def __init__(self, client: EngineCoreClient, max_waiting_requests: int | None = None,
-                 stream_interval: float = 0.0):
+                 stream_interval: float = 0.0, max_messages_per_s: float = 0.0):
         """``stream_interval``: seconds a stream waits after handing out a delta before it hands out the next, so the
-        tokens of that time go out as one message (0: every step's delta at once). A stream's first delta is never
-        held (time to first token is unchanged); a closing delta waits at most this long."""
+        tokens of that time go out as one message (0: every step's delta at once). ``max_messages_per_s`` (0: no
+        limit) bounds the messages of all streams together: with more streams in flight than the interval allows
+        for, each stream's interval grows to streams / rate. A stream's first delta is never held (time to first
+        token is unchanged), nor one that closes a sample, nor an error."""
+        if stream_interval < 0 or max_messages_per_s < 0:
+            raise ValueError("stream_interval and max_messages_per_s must be >= 0")
         self.client = client
         self.stream_interval = stream_interval
+        self.max_messages_per_s = max_messages_per_s
         self.info: EngineInfo = client.info
         self.tokenizer = ChatGLMTokenizer.from_file(self.info.tokenizer_path)
         self.max_waiting_requests = max_waiting_requests
@@ -144,20 +213,21 @@ class AsyncEngine:
         if self._streams.pop(request_id, None) is not None:
             self.abort(request_id)
 
+    def message_interval(self) -> float:
+        """The least time between two messages of a stream now: the stream interval, or longer when that many
+        streams at that interval would send more than ``max_messages_per_s`` messages a second between them."""
+        if self.max_messages_per_s <= 0:
+            return self.stream_interval
+        return max(self.stream_interval, len(self._streams) / self.max_messages_per_s)
+
     async def _iterate(self, request_id: str, stream: _Stream, num_samples: int) -> AsyncIterator[RequestOutput]:
         finished = False
-        last_handed_out: float | None = None     # None until the first delta: it goes out at once
         try:
             while not finished:
-                items = await _drain(stream.queue)
-                if last_handed_out is not None and self.stream_interval > 0:
-                    # A protocol message costs the frontend (and the client) far more than a token does: let the
-                    # next steps' deltas join this one, up to the interval.
-                    wait = last_handed_out + self.stream_interval - time.monotonic()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                        items += _take_queued(stream.queue)
-                last_handed_out = time.monotonic()
+                items = await stream.take()
+                # A protocol message costs the frontend (and the client) far more than a token does: the next
+                # steps' deltas wait to join into one message, up to the interval.
+                stream.handed_out(self.message_interval())
                 for item in _coalesce(items):
                     if isinstance(item, BaseException):
                         raise item
@@ -165,6 +235,7 @@ class AsyncEngine:
                     finished = num_samples == 0
                     yield item
         finally:
+            stream.cancel_timer()
             if not finished:
                 self.abort(request_id)
             self._streams.pop(request_id, None)
@@ -277,19 +348,7 @@ class RequestStream:
 
 def _put_all(batch: list[tuple[_Stream, object]]) -> None:
     for stream, item in batch:
-        stream.queue.put_nowait(item)
-
-
-async def _drain(q: asyncio.Queue) -> list:
-    """Wait for one item, then take whatever else is already queued."""
-    return [await q.get(), *_take_queued(q)]
-
-
-def _take_queued(q: asyncio.Queue) -> list:
-    items = []
-    while not q.empty():
-        items.append(q.get_nowait())
-    return items
+        stream.put(item)
 
 
 def _coalesce(items: list) -> list:

@@ -90,16 +90,19 @@ class InprocEngineCore(EngineCoreClient):
 
 
 class ProcessEngineCore(EngineCoreClient):
-    def __init__(self, config: EngineConfig, log_level: int | None = None, frontend_cpus: int = 1):
+    def __init__(self, config: EngineConfig, log_level: int | None = None, frontend_cpus: int = 1,
+                 engine_cpus: frozenset[int] | None = None):
         """Start the engine core process (it loads the model and warms up); ``wait_ready`` waits for that.
-        ``frontend_cpus``: CPU cores its torch threads leave to this process (core_process.py)."""
+        ``frontend_cpus``: CPU cores its torch threads leave to this process (core_process.py); ``engine_cpus``:
+        the cores to bind it to instead, one torch thread each (cpu_placement.py)."""
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_end = ctx.Pipe(duplex=True)
         # Not a daemon: the engine core starts tensor-parallel workers of its own. It follows this process out
         # when the pipe closes, so it cannot outlive a frontend that died.
         self.process = ctx.Process(target=run_engine_core_process, name="glmserve-engine-core",
                                    args=(config, child_end, log_level if log_level is not None
-                                         else logging.getLogger().getEffectiveLevel(), frontend_cpus))
+                                         else logging.getLogger().getEffectiveLevel(), frontend_cpus,
+                                         engine_cpus))
         self.process.start()
         child_end.close()   # the child holds the only other end: EOF here means the child is gone
         self._send_lock = threading.Lock()

@@ -15,15 +15,21 @@ import torch
 
 from glmserve.engine.config.engine_config import EngineConfig
 from glmserve.engine.runtime.core_loop import CoreLoop
+from glmserve.engine.runtime.cpu_placement import bind_this_process
 from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.engine.runtime.messages import Command, EngineFailed, EngineReady
 
 
-def run_engine_core_process(config: EngineConfig, conn: Connection, log_level: int, frontend_cpus: int) -> None:
+def run_engine_core_process(config: EngineConfig, conn: Connection, log_level: int, frontend_cpus: int,
+                            engine_cpus: frozenset[int] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)    # the frontend drains first, then sends Shutdown
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    leave_cpus_to_the_frontend(config, frontend_cpus)
+    if engine_cpus is not None:
+        bind_this_process(engine_cpus)
+        torch.set_num_threads(len(engine_cpus))
+    else:
+        leave_cpus_to_the_frontend(config, frontend_cpus)
     try:
         core = EngineCore(config)
         core.warm_up()
@@ -45,7 +51,8 @@ def leave_cpus_to_the_frontend(config: EngineConfig, frontend_cpus: int) -> None
     """On the CPU, torch's threads take every core by default, and its OpenMP threads spin while they wait for each
     other: beside a busy frontend process (protobuf, HTTP, the clients' streams) every parallel op of the engine
     stalls on a thread that is not running. So the engine core leaves ``frontend_cpus`` cores to its frontend, as
-    vLLM's CPU backend reserves a core for its API server. An explicit OMP_NUM_THREADS is taken as it is."""
+    vLLM's CPU backend reserves a core for its API server. An explicit OMP_NUM_THREADS is taken as it is.
+    (``glmserve serve`` binds the processes to their cores as well: cpu_placement.py.)"""
     if torch.device(config.device).type != "cpu" or frontend_cpus <= 0 or os.environ.get("OMP_NUM_THREADS"):
         return
     torch.set_num_threads(max(1, torch.get_num_threads() - frontend_cpus))

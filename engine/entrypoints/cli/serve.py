@@ -55,9 +55,14 @@ def add_serve_parser(sub) -> None:
                    help="a streamed message carries the tokens of at least this many milliseconds (the first token "
                         "goes out at once): fewer, larger messages cost the server and its clients less CPU "
                         "(default: %(default)s)")
+    g.add_argument("--max-stream-messages-per-s", type=float, default=ServerOptions.max_stream_messages_per_s,
+                   help="all streams together send at most about this many messages a second: with more streams in "
+                        "flight than the stream interval allows for, each stream's interval grows to streams / rate "
+                        "(a stream's first and closing messages go out at once); 0: no limit (default: %(default)s)")
     g.add_argument("--frontend-cpus", type=int, default=ServerOptions.frontend_cpus,
-                   help="CPU cores the engine core's torch threads leave to the frontend process (CPU device; 0: "
-                        "it takes them all; an explicit OMP_NUM_THREADS wins) (default: %(default)s)")
+                   help="CPU cores reserved for the frontend process (CPU device): the engine core is bound to the "
+                        "others, one torch thread each, and the frontend to these; 0: no binding, the engine takes "
+                        "every core; an explicit OMP_NUM_THREADS turns the binding off (default: %(default)s)")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'authorization: Bearer KEY' (gRPC metadata, HTTP header) (default: ${API_KEY_ENV}); "
                         "health checks are exempt")
@@ -82,7 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
         **host, port=args.port, http_port=None if args.http_port < 0 else args.http_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, drain_timeout=args.drain_timeout,
         max_waiting_requests=args.max_waiting_requests, stream_interval_ms=args.stream_interval_ms,
-        frontend_cpus=args.frontend_cpus,
+        max_stream_messages_per_s=args.max_stream_messages_per_s, frontend_cpus=args.frontend_cpus,
         api_key=args.api_key,
         served_model_name=args.served_model_name, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_bytes=args.max_message_bytes)
@@ -100,6 +105,10 @@ def run_serve(args: argparse.Namespace) -> int:
 async def serve(config, options) -> int:
     from glmserve.engine.entrypoints.serving import ModelServer
     from glmserve.engine.runtime.core_client import ProcessEngineCore
+    from glmserve.engine.runtime.cpu_placement import bind_this_process, plan_cpu_placement
+    placement = plan_cpu_placement(str(config.device), options.frontend_cpus)
+    if placement is not None:     # before the servers start their threads (bind_this_process binds all anyway)
+        bind_this_process(placement.frontend)
     server = ModelServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,8 +119,11 @@ async def serve(config, options) -> int:
         metrics = "off" if server.metrics_port is None else str(server.metrics_port)
         http = "off" if server.http_port is None else str(server.http_port)
         print(f"glmserve: serving on {options.host}:{server.port} metrics on {metrics} http on {http}", flush=True)
-        engine_core = ProcessEngineCore(config, frontend_cpus=options.frontend_cpus)   # loads the model there
-        print(f"glmserve: engine core pid {engine_core.pid}", flush=True)
+        engine_core = ProcessEngineCore(config, frontend_cpus=options.frontend_cpus,      # loads the model there
+                                        engine_cpus=None if placement is None else placement.engine)
+        cores = "" if placement is None else (f" on CPUs {_cpu_list(placement.engine)}, the frontend on CPUs "
+                                              f"{_cpu_list(placement.frontend)}")
+        print(f"glmserve: engine core pid {engine_core.pid}{cores}", flush=True)
         load = asyncio.ensure_future(server.load(engine_core.wait_ready))
         signalled = asyncio.ensure_future(stop.wait())
         await asyncio.wait([load, signalled], return_when=asyncio.FIRST_COMPLETED)
@@ -132,3 +144,7 @@ async def serve(config, options) -> int:
         return 0
     finally:
         await server.stop()
+
+
+def _cpu_list(cpus) -> str:
+    return ",".join(map(str, sorted(cpus)))
