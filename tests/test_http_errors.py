@@ -3,6 +3,7 @@
 blocks."""
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -238,3 +239,48 @@ def test_a_request_id_already_in_flight_is_409(api, client):
     stream.close()
     wait_idle(client)
 
+
+
+@pytest.fixture
+def small_body_server():
+    from glmserve.engine.entrypoints.server_options import ServerOptions
+
+    from .server_fixtures import InProcessServer
+    server = InProcessServer(options=ServerOptions(port=0, http_port=0, metrics_port=0, max_message_bytes=1024))
+    yield server
+    server.close()
+
+
+def _post_chunked(port: int, path: str, parts: list[bytes]) -> tuple[int, dict]:
+    """A POST whose body has no Content-Length (Transfer-Encoding: chunked)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", path, body=iter(parts), headers={"content-type": "application/json"},
+                           encode_chunked=True)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_goes_on(small_body_server):
+    """--max-message-bytes bounds HTTP bodies as it bounds gRPC messages: refused on a declared Content-Length, and
+    on a chunked body once the bytes read pass the limit; a body under it is served."""
+    server = small_body_server
+    port = server.server.http_port
+    base = f"http://127.0.0.1:{port}"
+    big = {"model": MODEL, "prompt": "x" * 2000, "max_tokens": 2}
+    status, body = http_json(f"{base}/v1/completions", big)
+    assert status == 413 and body["error"]["code"] == "request_too_large" and "1024 bytes" in body["error"]["message"]
+    status, body = _post_chunked(port, "/v1/completions", [b'{"model": "glm-tiny", "prompt": "'] + [b"y" * 300] * 4
+                                 + [b'", "max_tokens": 2}'])
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = _post_chunked(port, "/v1/completions",
+                                 [b'{"model": "glm-tiny", ', b'"prompt": "hi", "max_tokens": 2}'])
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    status, body = http_json(f"{base}/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+    assert parse_metrics(server.metrics_text())[
+        ("glmserve_http_requests_total", (("route", "/v1/completions"), ("status", "413")))] == 2
+    with server.client() as c:
+        wait_idle(c)

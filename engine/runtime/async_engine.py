@@ -38,10 +38,11 @@ class _Stream:
     The event thread hands each step's items over with one hop per loop (``_put_all``); the reader takes all that
     is pending at once. After a message, what comes next is held for ``hold`` seconds, so the tokens of that time
     travel as one message, unless it closes a sample or is an error (nothing would join it then). Held deltas go
-    out with the first step after their time is up, so the streams of a batch send together, in one burst per
-    step, rather than each at its own moment: a burst costs the protocol stack far less per message (one wake-up
-    of the loop and the sockets for all of them). A timer sends them anyway if no step comes within another
-    ``hold`` (the request stopped getting tokens, say while preempted).
+    out with the stream's first delta after their time is up (every step brings one to each running request), so
+    the streams of a batch send together, in one burst per step, rather than each at its own moment: a burst
+    costs the protocol stack far less per message (one wake-up of the loop and the sockets for all of them). A
+    timer sends them anyway if no delta comes within another ``hold`` (the request stopped getting tokens, say
+    while preempted).
     """
 
     __slots__ = ("loop", "pending", "due", "hold", "urgent", "waiter", "timer")

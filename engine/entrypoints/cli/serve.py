@@ -70,7 +70,8 @@ def add_serve_parser(sub) -> None:
                    help="PEM certificate chain; serve TLS on the gRPC and HTTP ports (with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
     g.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
-                   help="largest request or response message (default: %(default)s)")
+                   help="largest gRPC request or response message, and largest HTTP request body (413 past it) "
+                        "(default: %(default)s)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

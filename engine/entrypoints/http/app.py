@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from glmserve.engine.entrypoints.http.errors import ApiError
-from glmserve.engine.entrypoints.http.observer import CallObserver
+from glmserve.engine.entrypoints.http.observer import DEFAULT_MAX_BODY_BYTES, CallObserver
 from glmserve.engine.entrypoints.http.routes import Routes, error_response
 from glmserve.engine.entrypoints.metrics import ServerMetrics
 from glmserve.engine.entrypoints.serving_state import ServingState
@@ -19,12 +19,12 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def build_app(state: ServingState, metrics: ServerMetrics, api_key: str | None,
-              served_model_name: str | None = None) -> ASGIApp:
+              served_model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ASGIApp:
     api = FastAPI(title="glmserve", docs_url=None, redoc_url=None, openapi_url=None)
     api.include_router(Routes(state, served_model_name).router())
     api.add_exception_handler(RequestValidationError, _invalid_body)
     api.add_exception_handler(HTTPException, _http_error)
-    return CallObserver(api, state, metrics, api_key)
+    return CallObserver(api, state, metrics, api_key, max_body_bytes)
 
 
 async def _invalid_body(request: Request, exc: RequestValidationError):

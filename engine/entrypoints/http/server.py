@@ -33,7 +33,7 @@ class _Server(uvicorn.Server):
 class HttpListener:
     def __init__(self, options: ServerOptions, state: ServingState, metrics: ServerMetrics):
         self.options = options
-        self.app = build_app(state, metrics, options.api_key, options.served_model_name)
+        self.app = build_app(state, metrics, options.api_key, options.served_model_name, options.max_message_bytes)
         self.port: int | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
