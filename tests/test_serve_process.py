@@ -118,6 +118,7 @@ def test_bad_flags_exit_2_with_one_line(capsys, args, message):
 
 
 def test_port_in_use_exits_1(capsys):
+    cores = os.sched_getaffinity(0)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -125,6 +126,7 @@ def test_port_in_use_exits_1(capsys):
         assert cli_main(["serve", "--model", "glm-tiny", "--host", "127.0.0.1", "--port", str(port),
                          "--metrics-port", "-1"]) == 1
     assert "cannot listen on" in capsys.readouterr().err
+    assert os.sched_getaffinity(0) == cores    # serve binds the calling process to the frontend's cores, then back
 
 
 def test_a_dead_engine_core_is_visible_not_hidden_behind_a_healthy_endpoint(serve_process):

@@ -107,14 +107,14 @@ async def serve(config, options) -> int:
     from glmserve.engine.entrypoints.serving import ModelServer
     from glmserve.engine.runtime.core_client import ProcessEngineCore
     from glmserve.engine.runtime.cpu_placement import bind_this_process, plan_cpu_placement
-    placement = plan_cpu_placement(str(config.device), options.frontend_cpus)
-    if placement is not None:     # before the servers start their threads (bind_this_process binds all anyway)
-        bind_this_process(placement.frontend)
     server = ModelServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)   # repeated signals change nothing: --drain-timeout bounds the wait
+    placement = plan_cpu_placement(str(config.device), options.frontend_cpus)
+    # Before the servers start their threads (bind_this_process binds those there are anyway).
+    cores_before = None if placement is None else bind_this_process(placement.frontend)
     try:
         await server.start()
         metrics = "off" if server.metrics_port is None else str(server.metrics_port)
@@ -145,6 +145,8 @@ async def serve(config, options) -> int:
         return 0
     finally:
         await server.stop()
+        if cores_before is not None:    # serve() may run inside a larger program (the tests): leave it as it was
+            bind_this_process(cores_before)
 
 
 def _cpu_list(cpus) -> str:
