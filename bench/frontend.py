@@ -44,6 +44,7 @@ from glmserve.engine.entrypoints.server_thread import ServerThread
 from glmserve.engine.runtime.async_engine import AsyncEngine
 from glmserve.engine.runtime.core_client import ProcessEngineCore
 from glmserve.engine.runtime.cpu_placement import bind_this_process, plan_cpu_placement
+from glmserve.engine.runtime.startup_heap import freeze_startup_heap, unfreeze_heap
 from glmserve.engine.runtime.messages import StepDone
 
 
@@ -241,6 +242,7 @@ def _client_worker(mode: str, address: str, conn) -> None:
     streams = _grpc_client_streams if mode == "grpc" else _http_client_streams
     loop = asyncio.new_event_loop()
     client, close = loop.run_until_complete(_open_client(mode, address))
+    freeze_startup_heap()       # its imports' full collections would stall its reading
     while (job := conn.recv()) is not None:
         cpu = time.process_time()
         received, wall = loop.run_until_complete(streams(client, *job))
@@ -315,7 +317,9 @@ def measure(args: argparse.Namespace) -> FrontendResult:
     try:
         runs = _run_rounds(args, config, levels, modes, None if placement is None else placement.engine)
     finally:
-        if cores_before is not None:     # measure() may run inside a larger program (the tests)
+        # measure() may run inside a larger program (the tests): leave it as it was
+        unfreeze_heap()
+        if cores_before is not None:
             bind_this_process(cores_before)
     return _summarize(result, runs, levels, modes)
 
@@ -347,6 +351,7 @@ def _run_rounds(args: argparse.Namespace, config: EngineConfig, levels: list[int
             clients = {mode: _ClientProcess(mode, server) for mode in protocols}
         vocab = engine.info.vocab_size
         salts = itertools.count()
+        freeze_startup_heap()           # as `glmserve serve` does once it is ready
 
         def run_mode(mode: str, concurrency: int) -> ModeResult:
             salt = next(salts)               # distinct prompts for every run: no prefix-cache hits between runs

@@ -18,6 +18,7 @@ from glmserve.engine.runtime.core_loop import CoreLoop
 from glmserve.engine.runtime.cpu_placement import bind_this_process
 from glmserve.engine.runtime.engine_core import EngineCore
 from glmserve.engine.runtime.messages import Command, EngineFailed, EngineReady
+from glmserve.engine.runtime.startup_heap import freeze_startup_heap
 
 
 def run_engine_core_process(config: EngineConfig, conn: Connection, log_level: int, frontend_cpus: int,
@@ -36,6 +37,7 @@ def run_engine_core_process(config: EngineConfig, conn: Connection, log_level: i
     except BaseException as exc:  # noqa: BLE001 - the frontend reports it (a ConfigError is a user error)
         conn.send(EngineFailed(f"the engine failed to start: {type(exc).__name__}: {exc}", error=_picklable(exc)))
         return
+    freeze_startup_heap()       # the model and torch: never garbage, and 100 ms a full collection otherwise
     try:
         conn.send(EngineReady(core.info(), core.stats()))
         CoreLoop(core, lambda timeout: _receive(conn, timeout), conn.send).run()

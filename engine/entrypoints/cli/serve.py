@@ -107,6 +107,7 @@ async def serve(config, options) -> int:
     from glmserve.engine.entrypoints.serving import ModelServer
     from glmserve.engine.runtime.core_client import ProcessEngineCore
     from glmserve.engine.runtime.cpu_placement import bind_this_process, plan_cpu_placement
+    from glmserve.engine.runtime.startup_heap import freeze_startup_heap, unfreeze_heap
     server = ModelServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,6 +116,7 @@ async def serve(config, options) -> int:
     placement = plan_cpu_placement(str(config.device), options.frontend_cpus)
     # Before the servers start their threads (bind_this_process binds those there are anyway).
     cores_before = None if placement is None else bind_this_process(placement.frontend)
+    frozen = False
     try:
         await server.start()
         metrics = "off" if server.metrics_port is None else str(server.metrics_port)
@@ -134,6 +136,8 @@ async def serve(config, options) -> int:
             print("glmserve: stopped while loading, exiting", flush=True)
             return 0
         load.result()   # raises what the load raised
+        freeze_startup_heap()    # this frontend's imports (torch included) are never garbage: see startup_heap.py
+        frozen = True
         print("glmserve: ready", flush=True)
         await signalled
         in_flight, finished = await server.drain()
@@ -145,8 +149,11 @@ async def serve(config, options) -> int:
         return 0
     finally:
         await server.stop()
-        if cores_before is not None:    # serve() may run inside a larger program (the tests): leave it as it was
+        # serve() may run inside a larger program (the tests): leave it as it was
+        if cores_before is not None:
             bind_this_process(cores_before)
+        if frozen:
+            unfreeze_heap()
 
 
 def _cpu_list(cpus) -> str:
