@@ -15,22 +15,30 @@ from glmserve.engine.core.sampling_params import SamplingParams
 from .engine_helpers import assert_no_leaks, make_engine
 
 
-def _delta(index: int, tokens: list[int], text: str, finish: str | None = None) -> RequestOutput:
-    return RequestOutput("r", [1], [CompletionOutput(index, text, tokens, finish)], finish is not None)
+def _delta(index: int, tokens: list[int], text: str, finish: str | None = None,
+           request_finished: bool | None = None) -> RequestOutput:
+    """A one-sample delta; the request finishes with it unless ``request_finished`` says otherwise (n > 1)."""
+    done = finish is not None if request_finished is None else request_finished
+    return RequestOutput("r", [1], [CompletionOutput(index, text, tokens, finish)], done)
 
 
-def test_coalesce_merges_consecutive_deltas_of_one_sample_only():
+def test_coalesce_merges_consecutive_deltas_sample_by_sample():
     error = RuntimeError("boom")
     items = [_delta(0, [1], "a"), _delta(0, [2], "b"), _delta(1, [7], "x"), _delta(0, [3], "c"),
-             _delta(0, [4], "d", "length"), error]
+             _delta(0, [4], "d", "length", request_finished=False), error, _delta(1, [8], "y")]
     merged = _coalesce(items)
-    assert [(m.outputs[0].index, m.outputs[0].token_ids, m.outputs[0].text) for m in merged[:3]] == [
-        (0, [1, 2], "ab"), (1, [7], "x"), (0, [3, 4], "cd")]
-    assert merged[2].outputs[0].finish_reason == "length" and merged[2].finished
-    assert merged[-1] is error
-    # a finished delta is never extended
+    assert len(merged) == 3 and merged[1] is error
+    first = merged[0]
+    assert [(o.index, o.token_ids, o.text, o.finish_reason) for o in first.outputs] == [
+        (0, [1, 2, 3, 4], "abcd", "length"), (1, [7], "x", None)]
+    assert not first.finished                 # sample 1 goes on: the request is not finished
+    assert merged[2].outputs[0].token_ids == [8]
+    # a sample's closing delta is never extended
     done = _coalesce([_delta(0, [1], "a", "stop"), _delta(0, [2], "b")])
     assert len(done) == 2 and done[0].outputs[0].token_ids == [1]
+    # the request's state is the later delta's
+    last = _coalesce([_delta(0, [1], "a"), _delta(0, [2], "b", "stop")])
+    assert len(last) == 1 and last[0].finished and last[0].outputs[0].token_ids == [1, 2]
 
 
 def test_stream_validation_abort_and_no_leaks(tiny_checkpoint):
@@ -141,7 +149,7 @@ def test_a_stream_interval_joins_the_tokens_of_that_time_into_one_delta(tiny_che
 
 def test_a_closing_delta_is_never_held(tiny_checkpoint):
     """However long the interval, a stream's first delta and its closing one go out at once: a 5-token stream
-    under a 30 s interval is two messages, done long before the interval is."""
+    under a 30 s interval is two messages at most, done long before the interval is."""
     engine = make_engine(str(tiny_checkpoint))
 
     async def scenario():
@@ -155,8 +163,9 @@ def test_a_closing_delta_is_never_held(tiny_checkpoint):
             await async_engine.shutdown()
 
     deltas, elapsed = asyncio.run(scenario())
-    assert [len(d.token_ids) for d in deltas] == [1, 4] and deltas[-1].finish_reason == "length"
-    assert elapsed < 30
+    # The first message (one token, or more if the engine got ahead of this reader) and the closing one.
+    assert len(deltas) <= 2 and sum(len(d.token_ids) for d in deltas) == 5
+    assert deltas[-1].finish_reason == "length" and elapsed < 30
     assert_no_leaks(engine)
 
 
@@ -182,7 +191,7 @@ def test_the_message_budget_stretches_every_streams_interval(tiny_checkpoint):
 
     counts, elapsed = asyncio.run(scenario())
     for per_message in counts:
-        assert sum(per_message) == 40 and per_message[0] == 1
+        assert sum(per_message) == 40
         assert len(per_message) <= 3 + elapsed / (streams / budget)
     assert_no_leaks(engine)
 
@@ -215,3 +224,30 @@ def test_an_error_is_never_held():
 
     items, error = asyncio.run(scenario())
     assert items[-1] is error and len(items) == 2
+
+
+def test_a_stream_of_n_samples_is_paced_too(tiny_checkpoint):
+    """n > 1: a message carries every sample's tokens of its interval, not one step's: 3 samples of 40 tokens under
+    a 50 ms interval arrive whole, in few messages."""
+    interval = 0.05
+    engine = make_engine(str(tiny_checkpoint))
+
+    async def scenario():
+        async_engine = AsyncEngine(InprocEngineCore(engine), stream_interval=interval)
+        try:
+            start = time.monotonic()
+            deltas = [d async for d in await async_engine.generate(
+                "n3", [5, 6, 7], SamplingParams(n=3, max_tokens=40, min_tokens=40, temperature=1.0, seed=1))]
+            return deltas, time.monotonic() - start
+        finally:
+            await async_engine.shutdown()
+
+    deltas, elapsed = asyncio.run(scenario())
+    tokens: dict[int, list[int]] = {}
+    for delta in deltas:
+        for sample in delta.outputs:
+            tokens.setdefault(sample.index, []).extend(sample.token_ids)
+    assert sorted(tokens) == [0, 1, 2] and all(len(t) == 40 for t in tokens.values())
+    assert deltas[-1].finished and sum(o.finished for d in deltas for o in d.outputs) == 3
+    assert len(deltas) <= 4 + elapsed / interval      # the first, up to three closing ones, one per interval
+    assert_no_leaks(engine)

@@ -353,15 +353,22 @@ def _put_all(batch: list[tuple[_Stream, object]]) -> None:
 
 
 def _coalesce(items: list) -> list:
-    """Merge consecutive deltas of the same sample, so a reader that fell behind gets one message per sample
-    instead of one per token (an error stays in place)."""
+    """Merge consecutive deltas of a request, sample by sample, so a reader that fell behind (or waited out its
+    interval) gets one message per sample instead of one per token; n > 1 samples included. A sample's closing
+    delta is never extended, and an error stays in place."""
     merged: list = []
     for item in items:
         prev = merged[-1] if merged else None
-        if (isinstance(item, RequestOutput) and isinstance(prev, RequestOutput) and len(item.outputs) == 1
-                and len(prev.outputs) == 1 and prev.outputs[0].index == item.outputs[0].index
-                and not prev.outputs[0].finished):
+        if isinstance(item, RequestOutput) and isinstance(prev, RequestOutput) and not _extends_a_closed_sample(
+                prev, item):
+            finished = item.finished            # the request's state is the later delta's, not its samples' union
             prev.merge(item)
+            prev.finished = finished
         else:
             merged.append(item)
     return merged
+
+
+def _extends_a_closed_sample(prev: RequestOutput, item: RequestOutput) -> bool:
+    closed = {out.index for out in prev.outputs if out.finished}
+    return any(out.index in closed for out in item.outputs)
