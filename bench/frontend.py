@@ -55,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every level and mode, taking turns; medians are reported")
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--min-streams", type=int, default=8,
+    parser.add_argument("--min-streams", type=int, default=32,
                         help="streams per run at least: a level below it runs this many, that many at a time "
-                             "(one 128-token stream lasts ~0.1 s on glm-tiny: too short to time) (default: "
-                             "%(default)s)")
+                             "(one 128-token stream lasts ~0.1 s on glm-tiny: a run of a few streams moves by "
+                             "+-15%% with whatever else the machine does) (default: %(default)s)")
     parser.add_argument("--modes", default="engine,grpc,http",
                         help="comma-separated modes to run (engine is the baseline the others are compared with)")
     parser.add_argument("--attention-backend", default="auto", help="of the engine core (default: as serve runs)")

@@ -251,3 +251,20 @@ def test_a_stream_of_n_samples_is_paced_too(tiny_checkpoint):
     assert deltas[-1].finished and sum(o.finished for d in deltas for o in d.outputs) == 3
     assert len(deltas) <= 4 + elapsed / interval      # the first, up to three closing ones, one per interval
     assert_no_leaks(engine)
+
+
+def test_the_message_budget_counts_running_samples_not_waiting_requests():
+    """A long queue must not make the running streams chunky: the interval follows the samples in the running
+    batch (the latest step's count), not every stream in flight."""
+    from glmserve.engine.runtime.engine_info import EngineStats
+    engine = AsyncEngine.__new__(AsyncEngine)
+    engine.stream_interval, engine.max_messages_per_s = 0.02, 4000.0
+    engine._streams = {f"r{i}": None for i in range(1000)}          # 1000 in flight ...
+    engine._stats = EngineStats(100, 50, num_running=8, num_waiting=992, num_preemptions=0,
+                                prefix_cache_queries=0, prefix_cache_hits=0, kv_cache_usage=0.5)
+    assert engine.message_interval() == 0.02                      # ... 8 running: the stream interval
+    engine._stats = EngineStats(100, 50, num_running=256, num_waiting=744, num_preemptions=0,
+                                prefix_cache_queries=0, prefix_cache_hits=0, kv_cache_usage=0.5)
+    assert engine.message_interval() == 256 / 4000.0
+    engine.max_messages_per_s = 0.0                                # no budget
+    assert engine.message_interval() == 0.02

@@ -16,7 +16,7 @@ class ServerOptions:
     # A stream's message carries the tokens of at least this long (its first token excepted): see AsyncEngine.
     stream_interval_ms: float = 20.0
     # All streams together send at most about this many messages a second (0: no limit): past interval x rate
-    # streams in flight, each stream's interval grows to streams / rate. See AsyncEngine.
+    # running samples, each stream's interval grows to running / rate. See AsyncEngine.
     max_stream_messages_per_s: float = 4000.0
     # CPU cores the engine core's torch threads leave to this frontend process (CPU device; core_process.py).
     frontend_cpus: int = 1

@@ -109,9 +109,10 @@ class AsyncEngine:
                  stream_interval: float = 0.0, max_messages_per_s: float = 0.0):
         """``stream_interval``: seconds a stream waits after handing out a delta before it hands out the next, so the
         tokens of that time go out as one message (0: every step's delta at once). ``max_messages_per_s`` (0: no
-        limit) bounds the messages of all streams together: with more streams in flight than the interval allows
-        for, each stream's interval grows to streams / rate. A stream's first delta is never held (time to first
-        token is unchanged), nor one that closes a sample, nor an error."""
+        limit) bounds the messages of all streams together: with more samples running than the interval allows
+        for, each stream's interval grows to running samples / rate (a message goes out per sample). A stream's
+        first delta is never held (time to first token is unchanged), nor one that closes a sample, nor an
+        error."""
         if stream_interval < 0 or max_messages_per_s < 0:
             raise ValueError("stream_interval and max_messages_per_s must be >= 0")
         self.client = client
@@ -215,11 +216,12 @@ class AsyncEngine:
             self.abort(request_id)
 
     def message_interval(self) -> float:
-        """The least time between two messages of a stream now: the stream interval, or longer when that many
-        streams at that interval would send more than ``max_messages_per_s`` messages a second between them."""
+        """The least time between two messages of a stream now: the stream interval, or longer when the running
+        samples at that interval would send more than ``max_messages_per_s`` messages a second between them (as
+        of the latest step; requests still waiting send nothing, so a long queue does not slow the others)."""
         if self.max_messages_per_s <= 0:
             return self.stream_interval
-        return max(self.stream_interval, len(self._streams) / self.max_messages_per_s)
+        return max(self.stream_interval, self._stats.num_running / self.max_messages_per_s)
 
     async def _iterate(self, request_id: str, stream: _Stream, num_samples: int) -> AsyncIterator[RequestOutput]:
         finished = False

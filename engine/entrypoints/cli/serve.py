@@ -56,8 +56,8 @@ def add_serve_parser(sub) -> None:
                         "goes out at once): fewer, larger messages cost the server and its clients less CPU "
                         "(default: %(default)s)")
     g.add_argument("--max-stream-messages-per-s", type=float, default=ServerOptions.max_stream_messages_per_s,
-                   help="all streams together send at most about this many messages a second: with more streams in "
-                        "flight than the stream interval allows for, each stream's interval grows to streams / rate "
+                   help="all streams together send at most about this many messages a second: with more samples "
+                        "running than the stream interval allows for, each stream's interval grows to running / rate "
                         "(a stream's first and closing messages go out at once); 0: no limit (default: %(default)s)")
     g.add_argument("--frontend-cpus", type=int, default=ServerOptions.frontend_cpus,
                    help="CPU cores reserved for the frontend process (CPU device): the engine core is bound to the "
