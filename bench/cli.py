@@ -28,6 +28,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                           "offline throughput: glmserve against HF generate (static batches, one at a time)"),
     "frontend": Subcommand("glmserve.bench.frontend",
                            "the gRPC and HTTP frontends' own cost: streams through each protocol vs in-process"),
+    "grpc-pacing": Subcommand("glmserve.bench.grpc_pacing",
+                              "a streamed gRPC message's CPU cost, back to back, paced per stream, paced together"),
+    "startup-heap": Subcommand("glmserve.bench.startup_heap",
+                               "the garbage collector's cost to an engine, start-up heap frozen and not"),
     "serve": Subcommand("glmserve.bench.serve.command", "load-test a running server over gRPC or OpenAI's HTTP API "
                                                         "(latency, throughput, goodput)"),
     "long-context": Subcommand("glmserve.bench.long_context", "a 32768-token prompt on the CPU: time and peak memory"),

@@ -30,12 +30,13 @@ import itertools
 import json
 import multiprocessing
 import statistics
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from glmserve.bench.common.machine import machine_info
-from glmserve.bench.common.output import output_path
+from glmserve.bench.common.command import refuse, report, standalone_main
 from glmserve.engine.config.engine_config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.core.sampling_params import SamplingParams
 from glmserve.engine.entrypoints.grpc.client import AsyncGenerationClient
@@ -294,16 +295,34 @@ def _engine_config(args, levels: list[int]) -> EngineConfig:
                                                   max_num_batched_tokens=max(2048, max(levels))))
 
 
-def measure(args: argparse.Namespace) -> FrontendResult:
-    levels = [int(c) for c in args.concurrency.split(",")]
+class SettingsError(ValueError):
+    """A flag's value this benchmark cannot run with (the message names the flag)."""
+
+
+def check_settings(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """The levels and the modes; raises SettingsError naming the first bad flag."""
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        raise SettingsError(f"--concurrency: expected comma-separated numbers, got {args.concurrency!r}") from None
+    if min(levels) < 1:
+        raise SettingsError(f"--concurrency: every level must be >= 1, got {args.concurrency!r}")
     modes = [m.strip() for m in args.modes.split(",")]
     unknown = [m for m in modes if m not in MODES]
     if unknown or "engine" not in modes:
-        raise ValueError(f"--modes: expected engine and any of grpc, http; got {args.modes!r}")
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
-    if args.min_streams < 1:
-        raise ValueError(f"--min-streams must be >= 1, got {args.min_streams}")
+        raise SettingsError(f"--modes: expected engine and any of grpc, http; got {args.modes!r}")
+    for flag, value, least in (("--rounds", args.rounds, 1), ("--min-streams", args.min_streams, 1),
+                               ("--max-tokens", args.max_tokens, 1), ("--prompt-len", args.prompt_len, 1),
+                               ("--stream-interval-ms", args.stream_interval_ms, 0),
+                               ("--max-stream-messages-per-s", args.max_stream_messages_per_s, 0),
+                               ("--frontend-cpus", args.frontend_cpus, 0)):
+        if value < least:
+            raise SettingsError(f"{flag} must be >= {least}, got {value}")
+    return levels, modes
+
+
+def measure(args: argparse.Namespace) -> FrontendResult:
+    levels, modes = check_settings(args)
     config = _engine_config(args, levels)
     result = FrontendResult(settings={k: v for k, v in vars(args).items() if k != "func"},
                             machine=asdict(machine_info()))
@@ -407,17 +426,15 @@ def _median_run(runs: list[ModeResult]) -> ModeResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = measure(args)
-    print(result.table())
-    if args.out:
-        output_path(args.out).write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
-    return 0
+    try:
+        check_settings(args)
+    except SettingsError as exc:
+        return refuse("frontend", str(exc))
+    return report(measure(args), args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glmserve-bench frontend", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone_main(sys.modules[__name__], "frontend", argv)
 
 
 if __name__ == "__main__":

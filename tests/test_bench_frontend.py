@@ -32,3 +32,17 @@ def test_frontend_benchmark_runs_every_mode(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "added p50 ms" in table and "grpc" in table and "http" in table
     assert all(len(c["round_ratios"]) == 2 for c in result["cost"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--min-streams", "0"], "--min-streams must be >= 1, got 0"),
+    (["--concurrency", "1,0"], "--concurrency: every level must be >= 1"),
+    (["--concurrency", "1,x"], "--concurrency: expected comma-separated numbers"),
+    (["--modes", "grpc"], "--modes: expected engine and any of grpc, http"),
+    (["--max-stream-messages-per-s", "-1"], "--max-stream-messages-per-s must be >= 0, got -1.0"),
+])
+def test_bad_settings_exit_2_naming_the_flag_before_anything_starts(flags, message, capsys):
+    assert frontend.main(flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

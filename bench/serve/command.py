@@ -229,7 +229,7 @@ async def benchmark(config: BenchConfig) -> list[RunResult]:
         results = []
         for i, rate in enumerate(rates):
             prompts = await build_prompts(backend, config, info, config.seed + i)
-            # The harness's own full garbage collections (100 ms over its imports) would count as server latency.
+            # The harness's own full garbage collections (over its imports: startup_heap.py) would count as server latency.
             freeze_startup_heap()
             results.append(await run_once(backend, config, info, prompts, rate, config.seed + i))
         return results

@@ -37,7 +37,7 @@ def run_engine_core_process(config: EngineConfig, conn: Connection, log_level: i
     except BaseException as exc:  # noqa: BLE001 - the frontend reports it (a ConfigError is a user error)
         conn.send(EngineFailed(f"the engine failed to start: {type(exc).__name__}: {exc}", error=_picklable(exc)))
         return
-    freeze_startup_heap()       # the model and torch: never garbage, and 100 ms a full collection otherwise
+    freeze_startup_heap()       # the model and torch: never garbage, and a stall of every step a full collection
     try:
         conn.send(EngineReady(core.info(), core.stats()))
         CoreLoop(core, lambda timeout: _receive(conn, timeout), conn.send).run()

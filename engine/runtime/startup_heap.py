@@ -2,8 +2,8 @@
 
 A process that has imported torch and loaded a model tracks a quarter of a million objects or more (modules,
 tensors' Python wrappers, imported code), none of which will ever be garbage. Every full (generation 2) collection
-walks them all: about 100 ms on the 2-core CPU for glm-tiny, once every few seconds under load, stalling every
-stream of the process at once (one step of 120-140 ms in an engine core that steps every 14 ms). ``gc.freeze()``
+walks them all, stalling every stream of the process at once (``glmserve-bench startup-heap`` measures it: on the
+2-core CPU with glm-tiny, 120 ms a collection, and engine steps of 130 ms among steps of 13). ``gc.freeze()``
 moves them to a permanent generation the collector skips, as vLLM does after start-up; objects made later are
 collected as before.
 """
