@@ -16,7 +16,6 @@ device-side stacks (``slot_bytes``, sized by ``--max-lora-rank`` = ``--rank``); 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -25,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from glmserve.bench.common.output import output_path
+from glmserve.bench.common.output import write_json
 
 ALL_MODULES = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
 
@@ -136,7 +135,7 @@ def measure(args: argparse.Namespace) -> LoraBenchResult:
         chatglm3_6b_bf16=chatglm3_6b_memory(args.rank, targets, args.pre_seq_len))
     print(format_result(result))
     if args.out:
-        output_path(args.out).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        write_json(args.out, asdict(result))
     return result
 
 

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from glmserve.bench.common.output import output_path
+from glmserve.bench.common.output import write_json
 
 LONG_RECORDS = {
     "type": "array", "minItems": 10000,
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     result = measure(args, schema)
     print(report(result))
     if args.out:
-        output_path(args.out).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        write_json(args.out, asdict(result))
     return 0
 
 

@@ -125,23 +125,28 @@ def test_a_step_crosses_the_pipe_without_prompts_and_gets_them_back():
     assert engine._prompts == {}
 
 
+def _one_paced_stream(engine, params: SamplingParams, **pacing) -> tuple[list[RequestOutput], float]:
+    """One request's deltas through an AsyncEngine built with ``pacing`` (its keyword arguments), and the seconds
+    the stream took."""
+    async def scenario():
+        async_engine = AsyncEngine(InprocEngineCore(engine), **pacing)
+        try:
+            start = time.monotonic()
+            deltas = [d async for d in await async_engine.generate("paced", [5, 6, 7], params)]
+            return deltas, time.monotonic() - start
+        finally:
+            await async_engine.shutdown()
+    return asyncio.run(scenario())
+
+
 def test_a_stream_interval_joins_the_tokens_of_that_time_into_one_delta(tiny_checkpoint):
     """With a stream interval, the first delta goes out at once (one token) and later ones carry every token of
     at least the interval: a 60-token stream gets at most one delta per interval elapsed, and every token."""
     interval = 0.05
     engine = make_engine(str(tiny_checkpoint))
-
-    async def scenario():
-        async_engine = AsyncEngine(InprocEngineCore(engine), stream_interval=interval)
-        try:
-            start = time.monotonic()
-            deltas = [d.outputs[0].token_ids async for d in await async_engine.generate(
-                "paced", [5, 6, 7], SamplingParams(max_tokens=60, min_tokens=60, temperature=0.0))]
-            return deltas, time.monotonic() - start
-        finally:
-            await async_engine.shutdown()
-
-    deltas, elapsed = asyncio.run(scenario())
+    outputs, elapsed = _one_paced_stream(engine, SamplingParams(max_tokens=60, min_tokens=60, temperature=0.0),
+                                         stream_interval=interval)
+    deltas = [d.outputs[0].token_ids for d in outputs]
     assert len(deltas[0]) == 1 and sum(map(len, deltas)) == 60
     assert len(deltas) <= 2 + elapsed / interval
     assert_no_leaks(engine)
@@ -151,18 +156,9 @@ def test_a_closing_delta_is_never_held(tiny_checkpoint):
     """However long the interval, a stream's first delta and its closing one go out at once: a 5-token stream
     under a 30 s interval is two messages at most, done long before the interval is."""
     engine = make_engine(str(tiny_checkpoint))
-
-    async def scenario():
-        async_engine = AsyncEngine(InprocEngineCore(engine), stream_interval=30.0)
-        try:
-            start = time.monotonic()
-            deltas = [d.outputs[0] async for d in await async_engine.generate(
-                "short", [5, 6, 7], SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0))]
-            return deltas, time.monotonic() - start
-        finally:
-            await async_engine.shutdown()
-
-    deltas, elapsed = asyncio.run(scenario())
+    outputs, elapsed = _one_paced_stream(engine, SamplingParams(max_tokens=5, min_tokens=5, temperature=0.0),
+                                         stream_interval=30.0)
+    deltas = [d.outputs[0] for d in outputs]
     # The first message (one token, or more if the engine got ahead of this reader) and the closing one.
     assert len(deltas) <= 2 and sum(len(d.token_ids) for d in deltas) == 5
     assert deltas[-1].finish_reason == "length" and elapsed < 30
@@ -231,18 +227,8 @@ def test_a_stream_of_n_samples_is_paced_too(tiny_checkpoint):
     a 50 ms interval arrive whole, in few messages."""
     interval = 0.05
     engine = make_engine(str(tiny_checkpoint))
-
-    async def scenario():
-        async_engine = AsyncEngine(InprocEngineCore(engine), stream_interval=interval)
-        try:
-            start = time.monotonic()
-            deltas = [d async for d in await async_engine.generate(
-                "n3", [5, 6, 7], SamplingParams(n=3, max_tokens=40, min_tokens=40, temperature=1.0, seed=1))]
-            return deltas, time.monotonic() - start
-        finally:
-            await async_engine.shutdown()
-
-    deltas, elapsed = asyncio.run(scenario())
+    deltas, elapsed = _one_paced_stream(
+        engine, SamplingParams(n=3, max_tokens=40, min_tokens=40, temperature=1.0, seed=1), stream_interval=interval)
     tokens: dict[int, list[int]] = {}
     for delta in deltas:
         for sample in delta.outputs:
